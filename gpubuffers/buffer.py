@@ -1,0 +1,447 @@
+"""ReplayBuffer: time-major ring storage with a device episode index."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from . import ops
+from .reference import FLAG_HAS_FINAL, REC_LEN, REC_START, EpisodeIndex
+from .specs import (RESERVED_KEYS, LeafSpec, as_tensor, check_leaf, check_mask, flatten,
+                    unflatten)
+
+DONE_MARKS = ("first", "last")
+AUTORESET = ("same_step", "next_step")
+
+
+def _leaves_under(key: str, specs: Mapping[str, Any]) -> list[str]:
+    """Leaf paths named by ``key``: the leaf itself or every leaf of the subtree ``key/...``."""
+    return [p for p in specs if p == key or p.startswith(key + "/")]
+
+
+def _positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return value
+
+
+class ReplayBuffer:
+    """A ring of ``capacity`` transitions from ``num_envs`` auto-resetting environments.
+
+    Every leaf is stored as one preallocated tensor ``[T, N, *leaf_shape]`` with
+    ``T = capacity // N`` rows (``capacity`` is rounded down to a multiple of ``N``), allocated
+    on the first :meth:`add` from that step's shapes and dtypes, on ``device`` (default: the
+    device of that step's tensors). When the ring is full the oldest row is overwritten.
+
+    Args:
+        capacity: transitions held at most (rounded down to ``T * N``; at least 2 rows).
+        num_envs: number of lanes N; ``None`` is a single environment whose leaves carry no
+            batch dimension and whose ``done`` is a Python bool or 0-d tensor.
+        device: storage device; ``None`` takes the device of the first step's tensors.
+        done_marks: ``"first"``: ``done[n]`` says this row follows the end of an episode
+            (the ``was_done`` reading of CleanRL and rsl_rl); ``"last"``: this row is the last
+            of its episode (the ``terminated | truncated`` returned by ``env.step``).
+        autoreset: ``"same_step"`` (Isaac Lab, SB3, Brax): the row after an episode's end
+            starts the next episode; ``"next_step"`` (gymnasium >= 1.0): the row after an
+            episode's end is a reset row that holds the final observation and belongs to no
+            episode.
+        next_keys: leaves whose successor value samples return under ``"next"``.
+        seed: seed of the sampling generator; ``None`` draws one from torch's global RNG.
+        reward_key: leaf summed into episode returns (shape ``[N]`` or ``[N, 1]``); ignored
+            when the step has no such leaf.
+        final_obs_capacity: rows of the final-observation side table (default
+            ``max(2 * N, capacity // 8)``, enough while episodes average 8 rows or more); when
+            more episodes end while their transitions are still live, the oldest final
+            observations are dropped and reported through ``next_valid``.
+        max_proposals: uniform proposals per sampled item for the samplers that reject
+            (sequences, episodes, ``next_step`` transitions); an item whose proposals are
+            all rejected is returned with ``valid=False``.
+    """
+
+    def __init__(self, capacity: int, num_envs: int | None = None, *,
+                 device: str | torch.device | None = None, done_marks: str = "first",
+                 autoreset: str = "same_step", next_keys: Sequence[str] = ("obs",),
+                 seed: int | None = None, reward_key: str | None = "reward",
+                 final_obs_capacity: int | None = None, max_proposals: int = 32) -> None:
+        capacity = _positive_int(capacity, "capacity")
+        lanes = 1 if num_envs is None else _positive_int(num_envs, "num_envs")
+        if capacity // lanes < 2:
+            raise ValueError(f"capacity: expected at least 2 rows per lane (>= {2 * lanes} for "
+                             f"num_envs={lanes}), got {capacity}")
+        if done_marks not in DONE_MARKS:
+            raise ValueError(f"done_marks: expected one of {DONE_MARKS}, got {done_marks!r}")
+        if autoreset not in AUTORESET:
+            raise ValueError(f"autoreset: expected one of {AUTORESET}, got {autoreset!r}")
+        if isinstance(next_keys, str) or not all(isinstance(k, str) for k in next_keys):
+            raise TypeError(f"next_keys: expected a sequence of leaf names, got {next_keys!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+        if final_obs_capacity is not None:
+            final_obs_capacity = _positive_int(final_obs_capacity, "final_obs_capacity")
+        self._rows = capacity // lanes
+        self._lanes = lanes
+        self._single = num_envs is None
+        self._device = None if device is None else torch.device(device)
+        self._marks_last = done_marks == "last"
+        self._next_step = autoreset == "next_step"
+        self.done_marks = done_marks
+        self.autoreset = autoreset
+        self.next_keys = tuple(next_keys)
+        self.reward_key = reward_key
+        self.max_proposals = _positive_int(max_proposals, "max_proposals")
+        self._final_rows = final_obs_capacity or max(2 * lanes, self.capacity // 8)
+        self._seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self._specs: dict[str, LeafSpec] | None = None
+        self._storage: dict[str, torch.Tensor] = {}
+        self._flat: dict[str, torch.Tensor] = {}
+        self._final: dict[str, torch.Tensor] | None = None
+        self._ix: EpisodeIndex | None = None
+        self._gen: torch.Generator | None = None
+        self._ops = None
+        self._total = 0
+        self._no_flags: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def capacity(self) -> int:
+        """Transitions held at most: ``T * N``."""
+        return self._rows * self._lanes
+
+    @property
+    def num_envs(self) -> int | None:
+        return None if self._single else self._lanes
+
+    @property
+    def rows(self) -> int:
+        """Rows per lane, T."""
+        return self._rows
+
+    @property
+    def device(self) -> torch.device | None:
+        """Storage device (``None`` until the first add when it was not given)."""
+        return self._device
+
+    @property
+    def specs(self) -> dict[str, LeafSpec] | None:
+        """Per-leaf layout (``"a/b"`` paths), known after the first add."""
+        return None if self._specs is None else dict(self._specs)
+
+    @property
+    def storage(self) -> dict[str, torch.Tensor]:
+        """The ring tensors ``[T, N, *leaf_shape]`` by leaf path (read them, do not write)."""
+        return dict(self._storage)
+
+    @property
+    def index(self) -> EpisodeIndex | None:
+        """The device episode index (read it, do not write)."""
+        return self._ix
+
+    @property
+    def num_adds(self) -> int:
+        """Rows added since construction."""
+        return self._total
+
+    @property
+    def live_rows(self) -> int:
+        return min(self._total, self._rows)
+
+    @property
+    def oldest_row(self) -> int:
+        """Absolute row (add number) of the oldest live row."""
+        return self._total - self.live_rows
+
+    def __len__(self) -> int:
+        """Transitions stored (live slots)."""
+        return self.live_rows * self._lanes
+
+    @property
+    def num_episodes(self) -> torch.Tensor:
+        """[] int64 on the device: finished episodes whose rows are all still stored
+        (what :meth:`sample_episodes` draws from). Reading it as a Python int syncs."""
+        if self._ix is None:
+            return torch.zeros((), dtype=torch.int64)
+        ix = self._ix
+        low = self._ops.live_record_range(ix, self.oldest_row, self._marks_last)
+        rec = ix.head - 1 - torch.arange(ix.records, device=ix.head.device)
+        live = (rec >= low) & (ix.rec[rec.clamp_min(0) % ix.records, REC_START] >= self.oldest_row)
+        return live.sum()
+
+    def episode_stats(self, window: int = 100) -> dict[str, torch.Tensor]:
+        """Statistics of the last ``window`` finished episodes, as device tensors (no sync).
+
+        Returns ``finished`` (episodes finished since construction), ``count`` (episodes in the
+        window), ``mean_return`` and ``mean_length`` (NaN while no episode has finished).
+        """
+        window = _positive_int(window, "window")
+        if self._ix is None:
+            raise ValueError("episode_stats: the buffer is empty; add steps first")
+        ix = self._ix
+        window = min(window, ix.records)
+        rec = ix.head - 1 - torch.arange(window, device=ix.head.device)
+        ok = rec >= 0
+        pos = rec.clamp_min(0) % ix.records
+        count = ok.sum()
+        lengths = (ix.rec[pos, REC_LEN] * ok).sum().double()
+        returns = (ix.rec_ret[pos].double() * ok).sum()
+        return {"finished": ix.head.clone(), "count": count,
+                "mean_return": returns / count, "mean_length": lengths / count}
+
+    def __repr__(self) -> str:
+        return (f"ReplayBuffer(capacity={self.capacity}, num_envs={self.num_envs}, rows={self._rows}, "
+                f"done_marks={self.done_marks!r}, autoreset={self.autoreset!r}, "
+                f"device={self._device}, adds={self._total})")
+
+    # ------------------------------------------------------------------ add
+    def add(self, step: Any, done: Any, *, final_obs: Any = None, truncated: Any = None) -> None:
+        """Write one row: the same step of every lane.
+
+        step: (nested) dict or TensorDict of leaves ``[N, *leaf_shape]`` (``[*leaf_shape]`` for
+            a single environment); numpy arrays are converted.
+        done: [N] bool (integer 0/1 accepted) read as ``done_marks`` says.
+        final_obs: for ``autoreset="same_step"``: the true final observation of the episodes
+            that ``done`` closes with this add, as a tensor (one next key) or a dict by next
+            key, ``[N, *leaf_shape]``; rows of lanes whose episode did not end are ignored.
+        truncated: [N] bool, the episodes that ``done`` closes ended by truncation (time
+            limit), not termination; default all False.
+
+        The whole call is validated before anything is written: a rejected call leaves the
+        buffer as it was.
+        """
+        batch = () if self._single else (self._lanes,)
+        device = self._device
+        flat = flatten(step, "step")
+        if device is None:
+            device = next((v.device for v in flat.values() if isinstance(v, torch.Tensor)),
+                          torch.device("cpu"))
+        flat = {p: as_tensor(v, f"step['{p}']", device) for p, v in flat.items()}
+        specs = self._specs if self._specs is not None else self._new_specs(flat, batch)
+        if set(flat) != set(specs):
+            missing = sorted(set(specs) - set(flat))
+            extra = sorted(set(flat) - set(specs))
+            raise ValueError(f"step: expected leaves {sorted(specs)}, got {sorted(flat)} "
+                             f"(missing {missing}, unexpected {extra})")
+        for p, v in flat.items():
+            check_leaf(v, f"step['{p}']", batch, specs[p], device)
+        done = check_mask(done, "done", batch, device)
+        if truncated is not None:
+            truncated = check_mask(truncated, "truncated", batch, device)
+        finals = None
+        if final_obs is not None:
+            finals = self._check_final(final_obs, specs, batch, device)
+
+        # Validated: allocate (first add) and write.
+        if self._specs is None:
+            self._allocate(specs, device)
+        if finals is not None and self._final is None:
+            self._final = {k: torch.zeros((self._final_rows + 1, *specs[k].shape), dtype=specs[k].dtype,
+                                          device=device) for k in finals}
+        row = self._total % self._rows
+        for p, v in flat.items():
+            self._storage[p][row] = v
+        if self._single:
+            done = done.reshape(1)
+            truncated = None if truncated is None else truncated.reshape(1)
+        if truncated is None and finals is None:
+            flags = self._no_flags
+        else:
+            flags = torch.zeros(self._lanes, dtype=torch.int64, device=device) if truncated is None \
+                else truncated.long()
+            if finals is not None:
+                flags = flags + FLAG_HAS_FINAL
+        reward = None
+        if self.reward_key is not None and self.reward_key in flat and \
+                math.prod(specs[self.reward_key].shape) == 1:
+            reward = flat[self.reward_key].reshape(self._lanes)
+        ended, rec = self._ops.add_step(self._ix, done, flags, reward, self._total,
+                                        self._marks_last, self._next_step)
+        if finals is not None and ended is not None:
+            pos = torch.where(ended, rec % self._final_rows, self._final_rows)
+            for k, v in finals.items():
+                self._final[k].index_copy_(0, pos, v.reshape(self._lanes, *specs[k].shape))
+        self._total += 1
+
+    def _new_specs(self, flat: dict[str, torch.Tensor], batch: tuple[int, ...]) -> dict[str, LeafSpec]:
+        specs = {}
+        for p, v in flat.items():
+            top = p.split("/")[0]
+            if top in RESERVED_KEYS:
+                raise ValueError(f"step: leaf name {top!r} is reserved for sample outputs "
+                                 f"(reserved: {sorted(RESERVED_KEYS)})")
+            if tuple(v.shape[:len(batch)]) != batch:
+                raise ValueError(f"step['{p}']: expected a leading lane dimension of {batch[0]} "
+                                 f"(num_envs), got shape {tuple(v.shape)}")
+            specs[p] = LeafSpec(tuple(v.shape[len(batch):]), v.dtype)
+        missing = [k for k in self.next_keys if not _leaves_under(k, specs)]
+        if missing:
+            raise ValueError(f"next_keys: {missing} are not leaves of the step (leaves: {sorted(specs)})")
+        return specs
+
+    def _check_final(self, final_obs: Any, specs: dict[str, LeafSpec], batch: tuple[int, ...],
+                     device: torch.device) -> dict[str, torch.Tensor]:
+        if self._next_step:
+            raise ValueError("final_obs: not used with autoreset='next_step', where the reset row "
+                             "after an episode's end already holds its final observation")
+        leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
+        if isinstance(final_obs, Mapping) or type(final_obs).__module__.startswith("tensordict"):
+            finals = flatten(final_obs, "final_obs")
+            if set(finals) != set(leaves) and len(self.next_keys) == 1 and leaves != [self.next_keys[0]]:
+                # The value of the single next key, itself a nested dict.
+                finals = {f"{self.next_keys[0]}/{p}": v for p, v in finals.items()}
+        elif leaves == list(self.next_keys[:1]):
+            finals = {leaves[0]: final_obs}
+        else:
+            raise TypeError(f"final_obs: expected a dict of the leaves {leaves}, "
+                            f"got {type(final_obs).__name__}")
+        if set(finals) != set(leaves):
+            raise ValueError(f"final_obs: expected keys {sorted(leaves)}, got {sorted(finals)}")
+        out = {}
+        for k, v in finals.items():
+            v = as_tensor(v, f"final_obs['{k}']", device)
+            check_leaf(v, f"final_obs['{k}']", batch, specs[k], device)
+            out[k] = v
+        return out
+
+    def _allocate(self, specs: dict[str, LeafSpec], device: torch.device) -> None:
+        rows, lanes = self._rows, self._lanes
+        storage = {p: torch.zeros((rows, lanes, *s.shape), dtype=s.dtype, device=device)
+                   for p, s in specs.items()}
+        ix = EpisodeIndex.empty(rows, lanes, rows * lanes, device)
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self._seed)
+        self._ops = ops.backend(device)
+        self._storage = storage
+        self._flat = {p: t.view(rows * lanes, *specs[p].shape) for p, t in storage.items()}
+        self._ix = ix
+        self._gen = gen
+        self._no_flags = torch.zeros(lanes, dtype=torch.int64, device=device)
+        self._next_leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
+        self._device = device
+        self._specs = specs
+
+    # ------------------------------------------------------------------ sampling
+    def _check_batch(self, batch_size: Any) -> int:
+        return _positive_int(batch_size, "batch_size")
+
+    def _gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every leaf at ``slots`` (any shape): ``[*slots.shape, *leaf_shape]``."""
+        flat_slots = slots.reshape(-1)
+        return {p: t.index_select(0, flat_slots).view(*slots.shape, *self._specs[p].shape)
+                for p, t in self._flat.items()}
+
+    def sample(self, batch_size: int) -> dict[str, Any]:
+        """B transitions, uniform over live slots whose successor row has been written.
+
+        Returns every leaf at ``[B, *leaf_shape]``, and
+          ``next``: {key: [B, *leaf_shape]} the successor of each ``next_keys`` leaf: the next
+            row inside the episode, else the episode's final observation;
+          ``next_valid`` [B] bool: False where that successor is unknown (an episode ended and
+            its final observation was not given or was dropped) -- mask these out;
+          ``is_first``, ``is_last``, ``terminated``, ``truncated`` [B] bool;
+          ``valid`` [B] bool: False for items whose proposals were all rejected (only possible
+            with ``autoreset="next_step"``);
+          ``index`` [B] int64 ring slot ``row * N + lane``.
+        """
+        batch_size = self._check_batch(batch_size)
+        if self._total < 2:
+            raise ValueError(f"sample: needs at least 2 adds (a transition is complete once the "
+                             f"next row is written), the buffer has {self._total}")
+        ix, lanes = self._ix, self._lanes
+        oldest = self.oldest_row
+        tries = self.max_proposals if self._next_step else 1
+        proposals = torch.randint(0, (self.live_rows - 1) * lanes, (batch_size, tries),
+                                  generator=self._gen, device=self._device)
+        slot, row, valid = self._ops.transition_slots(ix, proposals, oldest, self._next_step)
+        links = self._ops.transition_links(ix, slot, 0 if self._final is None else self._final_rows,
+                                           self._next_step)
+        out: dict[str, Any] = self._gather(slot)
+        nxt = {}
+        for k in self._next_leaves:
+            value = self._flat[k].index_select(0, links["succ"])
+            if links["use_final"] is not None:
+                final = self._final[k].index_select(0, links["final_pos"])
+                value = torch.where(links["use_final"].view(-1, *[1] * (value.dim() - 1)), final, value)
+            nxt[k] = value
+        out = unflatten(out)
+        out["next"] = unflatten(nxt)
+        out["next_valid"] = links["next_valid"]
+        out["is_first"] = ix.start.view(-1)[slot] == row
+        out["is_last"] = links["is_last"]
+        out["terminated"] = links["terminated"]
+        out["truncated"] = links["truncated"]
+        out["valid"] = torch.ones_like(links["is_last"]) if valid is None else valid
+        out["index"] = slot
+        return out
+
+    def sample_sequences(self, batch_size: int, length: int) -> dict[str, Any]:
+        """B windows of ``length`` consecutive rows of one lane, inside one episode and inside
+        live data, uniform over all such windows; the cost does not grow with capacity.
+
+        Returns every leaf at ``[B, L, *leaf_shape]``, and ``is_first``, ``is_last`` [B, L]
+        bool, ``valid`` [B] bool (False for items whose ``max_proposals`` proposals all crossed
+        an episode boundary; their data is not a window of one episode), ``index`` [B, L] slots.
+        """
+        batch_size = self._check_batch(batch_size)
+        length = _positive_int(length, "length")
+        if length > self._rows:
+            raise ValueError(f"length: expected at most T={self._rows} rows per lane, got {length}")
+        if self._total < length:
+            raise ValueError(f"length: no window of {length} rows fits in the {self.live_rows} "
+                             f"live rows; add more steps first")
+        ix, lanes, rows = self._ix, self._lanes, self._rows
+        proposals = torch.randint(0, (self.live_rows - length + 1) * lanes,
+                                  (batch_size, self.max_proposals), generator=self._gen,
+                                  device=self._device)
+        end_slot, end_row, valid = self._ops.window_ends(ix, proposals, self.oldest_row, length)
+        slots = self._ops.window_slots(end_slot, length, rows, lanes)
+        out: dict[str, Any] = unflatten(self._gather(slots))
+        window_rows = end_row[:, None] - torch.arange(length - 1, -1, -1, device=self._device)
+        out["is_first"] = ix.start.view(-1)[slots] == window_rows
+        out["is_last"] = ix.end_rec.view(-1)[slots] >= 0
+        out["valid"] = valid
+        out["index"] = slots
+        return out
+
+    def sample_episodes(self, batch_size: int, max_rows: int | None = None) -> dict[str, Any]:
+        """B finished episodes whose rows are all stored, uniform over such episodes, packed.
+
+        Episodes cut by the seam (their first rows overwritten) and the unfinished episode of
+        each lane are not drawn. Rows are packed end to end into ``max_rows`` rows (default
+        ``B * T``, the worst case); episodes that would not fit are left out with
+        ``valid=False`` and length 0.
+
+        Returns every leaf at ``[max_rows, *leaf_shape]``, ``cu_seqlens`` [B + 1] int64
+        (episode b is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``), ``length``, ``lane``,
+        ``episode_return`` [B], ``truncated`` [B] bool, ``valid`` [B] bool, ``mask``
+        [max_rows] bool (rows that belong to an episode), ``is_first``, ``is_last`` [max_rows],
+        ``num_rows`` [] int64. :func:`gpubuffers.pad_episodes` turns it into ``[B, L, ...]``.
+        """
+        batch_size = self._check_batch(batch_size)
+        if max_rows is None:
+            max_rows = batch_size * self._rows
+        max_rows = _positive_int(max_rows, "max_rows")
+        if self._total == 0:
+            raise ValueError("sample_episodes: the buffer is empty; add steps first")
+        ix = self._ix
+        oldest = self.oldest_row
+        low = self._ops.live_record_range(ix, oldest, self._marks_last)
+        uniforms = torch.rand(batch_size, self.max_proposals, dtype=torch.float64,
+                              generator=self._gen, device=self._device)
+        pos, valid = self._ops.episode_choice(ix, uniforms, low, oldest)
+        packed = self._ops.pack_episodes(ix, pos, valid, max_rows)
+        out: dict[str, Any] = unflatten(self._gather(packed["slot"]))
+        start = ix.start.view(-1)[packed["slot"]]
+        out["cu_seqlens"] = packed["cu_seqlens"]
+        out["length"] = packed["length"]
+        out["lane"] = packed["lane"]
+        out["episode_return"] = ix.rec_ret[pos]
+        out["truncated"] = valid & ((ix.rec[pos, 3] & 1) != 0)
+        out["valid"] = packed["valid"]
+        out["mask"] = packed["mask"]
+        out["is_first"] = packed["mask"] & (start == packed["row"])
+        out["is_last"] = packed["mask"] & (ix.end_rec.view(-1)[packed["slot"]] >= 0)
+        out["num_rows"] = packed["cu_seqlens"][-1]
+        return out

@@ -1,0 +1,111 @@
+"""Leaf specs: flattening nested steps and validating them against the stored layout.
+
+A step is a (nested) mapping of tensors. Internally every leaf is addressed by its path
+joined with ``/`` (``{"obs": {"policy": x}}`` is the leaf ``"obs/policy"``). Validation
+reads metadata only (type, shape, dtype, device), never tensor values, so it costs no
+host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+#: Keys that samples add beside the stored leaves; a step may not use them as leaf names.
+RESERVED_KEYS = frozenset(
+    {"next", "next_valid", "is_first", "is_last", "terminated", "truncated", "valid",
+     "index", "lane", "cu_seqlens", "length", "mask", "num_rows", "episode_return"}
+)
+
+
+@dataclass(frozen=True)
+class LeafSpec:
+    """Layout of one stored leaf.
+
+    shape: the per-lane shape of one step (no time and no lane dimension).
+    dtype: the dtype stored and returned.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _is_tensordict(obj: Any) -> bool:
+    return type(obj).__module__.startswith("tensordict") and hasattr(obj, "to_dict")
+
+
+def flatten(step: Any, what: str) -> dict[str, Any]:
+    """Flatten a nested mapping (or TensorDict) into ``{"a/b": leaf}``; leaves are not checked."""
+    if _is_tensordict(step):
+        step = step.to_dict()
+    if not isinstance(step, Mapping):
+        raise TypeError(f"{what}: expected a dict of tensors (or a TensorDict), got {type(step).__name__}")
+    out: dict[str, Any] = {}
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for key, value in node.items():
+            if not isinstance(key, str) or not key or "/" in key:
+                raise ValueError(f"{what}: leaf names must be non-empty strings without '/', got {key!r}")
+            path = f"{prefix}{key}"
+            if _is_tensordict(value):
+                value = value.to_dict()
+            if isinstance(value, Mapping):
+                if not value:
+                    raise ValueError(f"{what}: '{path}' is an empty dict; expected tensors")
+                walk(value, path + "/")
+            else:
+                out[path] = value
+    walk(step, "")
+    if not out:
+        raise ValueError(f"{what}: expected at least one leaf, got an empty dict")
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten`: ``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
+    out: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def as_tensor(value: Any, name: str, device: torch.device | None) -> torch.Tensor:
+    """Accept a tensor as is, or convert a numpy array / Python scalar to a tensor on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (np.ndarray, np.generic, bool, int, float)):
+        return torch.as_tensor(value, device=device)
+    raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
+
+
+def check_leaf(value: torch.Tensor, name: str, batch: tuple[int, ...], spec: LeafSpec,
+               device: torch.device) -> None:
+    """Check one leaf against its spec; ``batch`` is the expected leading shape (``(N,)`` or ``()``)."""
+    expected = batch + spec.shape
+    if tuple(value.shape) != expected:
+        raise ValueError(f"{name}: expected shape {expected}, got {tuple(value.shape)}")
+    if value.dtype != spec.dtype:
+        raise TypeError(f"{name}: expected dtype {spec.dtype}, got {value.dtype}")
+    if value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {value.device}")
+
+
+def check_mask(value: Any, name: str, batch: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Validate a per-lane flag (``done``, ``truncated``) and return it as a bool tensor of ``batch``."""
+    if isinstance(value, bool) or isinstance(value, np.bool_):
+        value = torch.tensor(bool(value), device=device)
+    value = as_tensor(value, name, device)
+    if value.dtype != torch.bool and (value.dtype.is_floating_point or value.dtype.is_complex):
+        raise TypeError(f"{name}: expected a bool (or integer 0/1) tensor, got dtype {value.dtype}")
+    if tuple(value.shape) != batch:
+        raise ValueError(f"{name}: expected shape {batch}, got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {value.device}")
+    return value if value.dtype == torch.bool else value != 0

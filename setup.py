@@ -1,0 +1,23 @@
+from setuptools import setup
+
+setup(
+    name="gpubuffers",
+    version="0.1.0",
+    description="A GPU-resident replay buffer for vectorized, auto-resetting RL environments",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["gpubuffers", "gpubuffers.kernels"],
+    # The Triton kernels live in the top-level folder kernels/ and install as gpubuffers.kernels:
+    # a top-level module named "kernels" would collide with an existing package of that name.
+    package_dir={"gpubuffers": "gpubuffers", "gpubuffers.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0"],
+        "bench": ["matplotlib", "pytest-benchmark", "torchrl", "tensordict"],
+    },
+)
