@@ -8,7 +8,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from . import ops
-from .reference import FLAG_HAS_FINAL, REC_LEN, REC_START, EpisodeIndex
+from .reference import ENDED, HAS_FINAL, TRUNCATED, EpisodeIndex, slot_age, take
 from .specs import (RESERVED_KEYS, LeafSpec, as_tensor, check_leaf, check_mask, flatten,
                     unflatten)
 
@@ -53,10 +53,10 @@ class ReplayBuffer:
         seed: seed of the sampling generator; ``None`` draws one from torch's global RNG.
         reward_key: leaf summed into episode returns (shape ``[N]`` or ``[N, 1]``); ignored
             when the step has no such leaf.
-        final_obs_capacity: rows of the final-observation side table (default
-            ``max(2 * N, capacity // 8)``, enough while episodes average 8 rows or more); when
-            more episodes end while their transitions are still live, the oldest final
-            observations are dropped and reported through ``next_valid``.
+        final_obs_capacity: final observations kept (default ``capacity // 8``, enough while
+            episodes average 8 rows or more), as a ring per lane of ``ceil(final_obs_capacity / N)``
+            rows (at least 2); when a lane ends more episodes while their transitions are still
+            live, its oldest final observations are dropped and reported through ``next_valid``.
         max_proposals: uniform proposals per sampled item for the samplers that reject
             (sequences, episodes, ``next_step`` transitions); an item whose proposals are
             all rejected is returned with ``valid=False``.
@@ -93,17 +93,21 @@ class ReplayBuffer:
         self.next_keys = tuple(next_keys)
         self.reward_key = reward_key
         self.max_proposals = _positive_int(max_proposals, "max_proposals")
-        self._final_rows = final_obs_capacity or max(2 * lanes, self.capacity // 8)
+        # The side table is a ring per lane, so its capacity is rounded up to whole rows.
+        self._final_rows = max(2, -(-(final_obs_capacity or self.capacity // 8) // lanes))
         self._seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
         self._specs: dict[str, LeafSpec] | None = None
         self._storage: dict[str, torch.Tensor] = {}
         self._flat: dict[str, torch.Tensor] = {}
         self._final: dict[str, torch.Tensor] | None = None
+        self._episode_cum: torch.Tensor | None = None
         self._ix: EpisodeIndex | None = None
         self._gen: torch.Generator | None = None
         self._ops = None
         self._total = 0
-        self._no_flags: torch.Tensor | None = None
+        self._ix_lanes: torch.Tensor | None = None
+        self._shapes: dict[str, torch.Size] | None = None
+        self._reward_tracked = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -164,31 +168,26 @@ class ReplayBuffer:
         (what :meth:`sample_episodes` draws from). Reading it as a Python int syncs."""
         if self._ix is None:
             return torch.zeros((), dtype=torch.int64)
-        ix = self._ix
-        low = self._ops.live_record_range(ix, self.oldest_row, self._marks_last)
-        rec = ix.head - 1 - torch.arange(ix.records, device=ix.head.device)
-        live = (rec >= low) & (ix.rec[rec.clamp_min(0) % ix.records, REC_START] >= self.oldest_row)
-        return live.sum()
+        return self._episode_cumsum()[-1].clone()
 
-    def episode_stats(self, window: int = 100) -> dict[str, torch.Tensor]:
-        """Statistics of the last ``window`` finished episodes, as device tensors (no sync).
+    def episode_stats(self, last_rows: int | None = None) -> dict[str, torch.Tensor]:
+        """Statistics of the episodes that ended in the newest ``last_rows`` rows (default: all
+        live rows), as device tensors, without a host sync.
 
-        Returns ``finished`` (episodes finished since construction), ``count`` (episodes in the
-        window), ``mean_return`` and ``mean_length`` (NaN while no episode has finished).
+        Returns ``count``, ``mean_length`` and ``mean_return`` (NaN while none has ended);
+        lengths and returns count whole episodes, also those whose first rows were overwritten.
         """
-        window = _positive_int(window, "window")
         if self._ix is None:
             raise ValueError("episode_stats: the buffer is empty; add steps first")
+        live = self.live_rows
+        last_rows = live if last_rows is None else min(_positive_int(last_rows, "last_rows"), live)
         ix = self._ix
-        window = min(window, ix.records)
-        rec = ix.head - 1 - torch.arange(window, device=ix.head.device)
-        ok = rec >= 0
-        pos = rec.clamp_min(0) % ix.records
-        count = ok.sum()
-        lengths = (ix.rec[pos, REC_LEN] * ok).sum().double()
-        returns = (ix.rec_ret[pos].double() * ok).sum()
-        return {"finished": ix.head.clone(), "count": count,
-                "mean_return": returns / count, "mean_length": lengths / count}
+        age = slot_age(self._rows, self._lanes, self.oldest_row, self._device)
+        ended = (ix.end_flags != 0) & (age < live) & (age >= live - last_rows)
+        count = ended.sum()
+        lengths = ((age + self.oldest_row + 1 - ix.start) * ended).sum().double()
+        returns = (ix.ret.double() * ended).sum()
+        return {"count": count, "mean_length": lengths / count, "mean_return": returns / count}
 
     def __repr__(self) -> str:
         return (f"ReplayBuffer(capacity={self.capacity}, num_envs={self.num_envs}, rows={self._rows}, "
@@ -217,15 +216,22 @@ class ReplayBuffer:
         if device is None:
             device = next((v.device for v in flat.values() if isinstance(v, torch.Tensor)),
                           torch.device("cpu"))
-        flat = {p: as_tensor(v, f"step['{p}']", device) for p, v in flat.items()}
-        specs = self._specs if self._specs is not None else self._new_specs(flat, batch)
-        if set(flat) != set(specs):
+        specs = self._specs if self._specs is not None else None
+        for p, v in flat.items():
+            if type(v) is not torch.Tensor:
+                flat[p] = as_tensor(v, f"step['{p}']", device)
+        if specs is None:
+            specs = self._new_specs(flat, batch)
+        if flat.keys() != specs.keys():
             missing = sorted(set(specs) - set(flat))
             extra = sorted(set(flat) - set(specs))
             raise ValueError(f"step: expected leaves {sorted(specs)}, got {sorted(flat)} "
                              f"(missing {missing}, unexpected {extra})")
+        shapes = self._shapes
         for p, v in flat.items():
-            check_leaf(v, f"step['{p}']", batch, specs[p], device)
+            spec = specs[p]
+            if shapes is None or v.shape != shapes[p] or v.dtype != spec.dtype or v.device != device:
+                check_leaf(v, f"step['{p}']", batch, spec, device)
         done = check_mask(done, "done", batch, device)
         if truncated is not None:
             truncated = check_mask(truncated, "truncated", batch, device)
@@ -237,8 +243,8 @@ class ReplayBuffer:
         if self._specs is None:
             self._allocate(specs, device)
         if finals is not None and self._final is None:
-            self._final = {k: torch.zeros((self._final_rows + 1, *specs[k].shape), dtype=specs[k].dtype,
-                                          device=device) for k in finals}
+            self._final = {k: torch.zeros((self._final_rows + 1, self._lanes, *specs[k].shape),
+                                          dtype=specs[k].dtype, device=device) for k in finals}
         row = self._total % self._rows
         for p, v in flat.items():
             self._storage[p][row] = v
@@ -246,23 +252,28 @@ class ReplayBuffer:
             done = done.reshape(1)
             truncated = None if truncated is None else truncated.reshape(1)
         if truncated is None and finals is None:
-            flags = self._no_flags
+            flags = None
         else:
-            flags = torch.zeros(self._lanes, dtype=torch.int64, device=device) if truncated is None \
-                else truncated.long()
-            if finals is not None:
-                flags = flags + FLAG_HAS_FINAL
+            flags = torch.full(batch or (1,), ENDED | (HAS_FINAL if finals is not None else 0),
+                               dtype=torch.uint8, device=device)
+            if truncated is not None:
+                flags.add_(truncated.reshape(flags.shape), alpha=TRUNCATED)
         reward = None
-        if self.reward_key is not None and self.reward_key in flat and \
-                math.prod(specs[self.reward_key].shape) == 1:
-            reward = flat[self.reward_key].reshape(self._lanes)
-        ended, rec = self._ops.add_step(self._ix, done, flags, reward, self._total,
-                                        self._marks_last, self._next_step)
+        if self._reward_tracked:
+            reward = flat[self.reward_key]
+            if reward.dim() != 1:
+                reward = reward.reshape(self._lanes)
+            if reward.dtype != torch.float32:
+                reward = reward.to(torch.float32)
+        ended = self._ops.add_step(self._ix, done, flags, reward, self._total,
+                                   self._marks_last, self._next_step)
         if finals is not None and ended is not None:
-            pos = torch.where(ended, rec % self._final_rows, self._final_rows)
+            end_row = (self._total - (0 if self._marks_last else 1)) % self._rows
+            pos = self._ops.store_finals(self._ix, ended, end_row, self._final_rows)
             for k, v in finals.items():
-                self._final[k].index_copy_(0, pos, v.reshape(self._lanes, *specs[k].shape))
+                self._final[k][pos, self._ix_lanes] = v.reshape(self._lanes, *specs[k].shape)
         self._total += 1
+        self._episode_cum = None
 
     def _new_specs(self, flat: dict[str, torch.Tensor], batch: tuple[int, ...]) -> dict[str, LeafSpec]:
         specs = {}
@@ -309,7 +320,7 @@ class ReplayBuffer:
         rows, lanes = self._rows, self._lanes
         storage = {p: torch.zeros((rows, lanes, *s.shape), dtype=s.dtype, device=device)
                    for p, s in specs.items()}
-        ix = EpisodeIndex.empty(rows, lanes, rows * lanes, device)
+        ix = EpisodeIndex.empty(rows, lanes, device)
         gen = torch.Generator(device=device)
         gen.manual_seed(self._seed)
         self._ops = ops.backend(device)
@@ -317,8 +328,11 @@ class ReplayBuffer:
         self._flat = {p: t.view(rows * lanes, *specs[p].shape) for p, t in storage.items()}
         self._ix = ix
         self._gen = gen
-        self._no_flags = torch.zeros(lanes, dtype=torch.int64, device=device)
+        self._ix_lanes = torch.arange(lanes, device=device)
         self._next_leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
+        batch = () if self._single else (lanes,)
+        self._shapes = {p: torch.Size(batch + s.shape) for p, s in specs.items()}
+        self._reward_tracked = self.reward_key in specs and math.prod(specs[self.reward_key].shape) == 1
         self._device = device
         self._specs = specs
 
@@ -355,20 +369,20 @@ class ReplayBuffer:
         proposals = torch.randint(0, (self.live_rows - 1) * lanes, (batch_size, tries),
                                   generator=self._gen, device=self._device)
         slot, row, valid = self._ops.transition_slots(ix, proposals, oldest, self._next_step)
-        links = self._ops.transition_links(ix, slot, 0 if self._final is None else self._final_rows,
+        links = self._ops.transition_links(ix, slot, row, 0 if self._final is None else self._final_rows,
                                            self._next_step)
         out: dict[str, Any] = self._gather(slot)
         nxt = {}
         for k in self._next_leaves:
             value = self._flat[k].index_select(0, links["succ"])
             if links["use_final"] is not None:
-                final = self._final[k].index_select(0, links["final_pos"])
+                final = self._final[k].view(-1, *self._specs[k].shape).index_select(0, links["final"])
                 value = torch.where(links["use_final"].view(-1, *[1] * (value.dim() - 1)), final, value)
             nxt[k] = value
         out = unflatten(out)
         out["next"] = unflatten(nxt)
         out["next_valid"] = links["next_valid"]
-        out["is_first"] = ix.start.view(-1)[slot] == row
+        out["is_first"] = links["is_first"]
         out["is_last"] = links["is_last"]
         out["terminated"] = links["terminated"]
         out["truncated"] = links["truncated"]
@@ -399,8 +413,8 @@ class ReplayBuffer:
         slots = self._ops.window_slots(end_slot, length, rows, lanes)
         out: dict[str, Any] = unflatten(self._gather(slots))
         window_rows = end_row[:, None] - torch.arange(length - 1, -1, -1, device=self._device)
-        out["is_first"] = ix.start.view(-1)[slots] == window_rows
-        out["is_last"] = ix.end_rec.view(-1)[slots] >= 0
+        out["is_first"] = take(ix.start, slots) == window_rows
+        out["is_last"] = take(ix.end_flags, slots) != 0
         out["valid"] = valid
         out["index"] = slots
         return out
@@ -411,7 +425,9 @@ class ReplayBuffer:
         Episodes cut by the seam (their first rows overwritten) and the unfinished episode of
         each lane are not drawn. Rows are packed end to end into ``max_rows`` rows (default
         ``B * T``, the worst case); episodes that would not fit are left out with
-        ``valid=False`` and length 0.
+        ``valid=False`` and length 0, as are all B when no finished episode is stored.
+        Drawing is exact (no rejection): the first call after an add counts the eligible
+        episodes in one pass over the index, O(capacity); each draw is then O(log capacity).
 
         Returns every leaf at ``[max_rows, *leaf_shape]``, ``cu_seqlens`` [B + 1] int64
         (episode b is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``), ``length``, ``lane``,
@@ -426,22 +442,26 @@ class ReplayBuffer:
         if self._total == 0:
             raise ValueError("sample_episodes: the buffer is empty; add steps first")
         ix = self._ix
-        oldest = self.oldest_row
-        low = self._ops.live_record_range(ix, oldest, self._marks_last)
-        uniforms = torch.rand(batch_size, self.max_proposals, dtype=torch.float64,
-                              generator=self._gen, device=self._device)
-        pos, valid = self._ops.episode_choice(ix, uniforms, low, oldest)
-        packed = self._ops.pack_episodes(ix, pos, valid, max_rows)
+        uniforms = torch.rand(batch_size, dtype=torch.float64, generator=self._gen, device=self._device)
+        end_slot, valid = self._ops.episode_choice(self._episode_cumsum(), uniforms)
+        packed = self._ops.pack_episodes(ix, end_slot, valid, self.oldest_row, max_rows)
         out: dict[str, Any] = unflatten(self._gather(packed["slot"]))
-        start = ix.start.view(-1)[packed["slot"]]
+        flags = take(ix.end_flags, end_slot)
         out["cu_seqlens"] = packed["cu_seqlens"]
         out["length"] = packed["length"]
         out["lane"] = packed["lane"]
-        out["episode_return"] = ix.rec_ret[pos]
-        out["truncated"] = valid & ((ix.rec[pos, 3] & 1) != 0)
+        out["episode_return"] = take(ix.ret, end_slot)
+        out["truncated"] = packed["valid"] & ((flags & TRUNCATED) != 0)
         out["valid"] = packed["valid"]
         out["mask"] = packed["mask"]
-        out["is_first"] = packed["mask"] & (start == packed["row"])
-        out["is_last"] = packed["mask"] & (ix.end_rec.view(-1)[packed["slot"]] >= 0)
+        out["is_first"] = packed["is_first"]
+        out["is_last"] = packed["is_last"]
         out["num_rows"] = packed["cu_seqlens"][-1]
         return out
+
+    def _episode_cumsum(self) -> torch.Tensor:
+        """[T * N] cumulative count of slots that end a whole live episode, built once per add."""
+        if self._episode_cum is None:
+            ends = self._ops.whole_episode_ends(self._ix, self.oldest_row, self.live_rows)
+            self._episode_cum = torch.cumsum(ends, 0)
+        return self._episode_cum

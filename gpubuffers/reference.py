@@ -6,8 +6,11 @@ value on the host, and never branch in Python on tensor contents, so the same co
 on CUDA tensors without a host sync.
 
 Terms: T rows per lane, N lanes, ring slot ``s = (a % T) * N + n`` for absolute row ``a``
-of lane ``n``; ``oldest``/``newest`` are the absolute rows of the oldest and newest live
-row (host integers: the number of adds is known on the host).
+(the add number) of lane ``n``; ``oldest``/``newest`` are the absolute rows of the oldest
+and newest live row (host integers: the number of adds is known on the host).
+
+The index is per slot and written once per add, a row at a time: everything the samplers
+need is read from the slot itself or from the previous row, which is always live (T >= 2).
 """
 
 from __future__ import annotations
@@ -18,60 +21,46 @@ import torch
 
 #: ``start`` of a reset row (``autoreset="next_step"``): larger than any row, so no
 #: window can contain it and no episode owns it.
-SENTINEL = 1 << 62
+SENTINEL = 1 << 60
 
-# Columns of the episode record table.
-REC_START, REC_LANE, REC_LEN, REC_FLAGS = 0, 1, 2, 3
-FLAG_TRUNCATED, FLAG_HAS_FINAL = 1, 2
+# Bits of ``end_flags`` at the last slot of an episode; 0 elsewhere.
+ENDED, TRUNCATED, HAS_FINAL = 1, 2, 4
 
 
 @dataclass
 class EpisodeIndex:
     """Device episode index for T rows and N lanes, updated once per add in O(N) work.
 
-    start: [T, N] int64, absolute row at which the episode holding the slot began
-        (written when the slot is written, never rewritten); ``SENTINEL`` for reset rows.
-    end_rec: [T, N] int64, record number of the episode that ends at this slot, -1 while the
-        slot is not known to end its episode.
-    lane_start, lane_len: [N] int64, start row and length so far of each lane's current episode.
-    lane_ret: [N] float32, running return of each lane's current episode.
-    phase: [N] int64, 0 = continuing, 1 = the previous row ended an episode (``done_marks="last"``),
-        2 = the previous row was a reset row (``autoreset="next_step"``).
-    rec: [E + 1, 4] int64 ring of finished episodes (start, lane, length, flags); row E is a
-        scratch row that absorbs the writes of lanes that did not finish.
-    rec_ret: [E + 1] float32, the return of each finished episode.
-    head: [] int64, number of episodes finished since construction (records ever written).
-    row_head: [T + 1] int64, ``head`` right after the add of absolute row ``a``, at ``a % (T + 1)``.
-    lanes: [N] int64, ``arange(N)`` kept to avoid re-allocating it.
+    start: [T, N] int64, absolute row at which the episode holding the slot began (written
+        with the slot, never rewritten); ``SENTINEL`` for reset rows.
+    end_flags: [T, N] uint8, at the last slot of an episode once its end is known:
+        ``ENDED | TRUNCATED (if truncated) | HAS_FINAL (if its final obs was stored)``, else 0.
+        The episode's length is the slot's row minus its ``start``, plus one.
+    ret: [T, N] float32, return of the slot's episode from its first row through this row.
+    final_idx: [T, N] int64, at an end slot whose final obs was stored: the lane's final-obs
+        counter when it was stored (its side-table row is ``final_idx % K``).
+    fin_head: [N] int64, final observations stored per lane since construction.
+    zeros: 0-d uint8 and float32 zeros, kept to avoid allocating them on every add.
     """
 
     start: torch.Tensor
-    end_rec: torch.Tensor
-    lane_start: torch.Tensor
-    lane_len: torch.Tensor
-    lane_ret: torch.Tensor
-    phase: torch.Tensor
-    rec: torch.Tensor
-    rec_ret: torch.Tensor
-    head: torch.Tensor
-    row_head: torch.Tensor
-    lanes: torch.Tensor
+    end_flags: torch.Tensor
+    ret: torch.Tensor
+    final_idx: torch.Tensor
+    fin_head: torch.Tensor
+    zeros: tuple[torch.Tensor, torch.Tensor]
 
     @classmethod
-    def empty(cls, rows: int, lanes: int, records: int, device: torch.device) -> "EpisodeIndex":
+    def empty(cls, rows: int, lanes: int, device: torch.device) -> "EpisodeIndex":
         i64 = dict(dtype=torch.int64, device=device)
         return cls(
             start=torch.full((rows, lanes), SENTINEL, **i64),
-            end_rec=torch.full((rows, lanes), -1, **i64),
-            lane_start=torch.zeros(lanes, **i64),
-            lane_len=torch.zeros(lanes, **i64),
-            lane_ret=torch.zeros(lanes, dtype=torch.float32, device=device),
-            phase=torch.zeros(lanes, **i64),
-            rec=torch.zeros(records + 1, 4, **i64),
-            rec_ret=torch.zeros(records + 1, dtype=torch.float32, device=device),
-            head=torch.zeros((), **i64),
-            row_head=torch.zeros(rows + 1, **i64),
-            lanes=torch.arange(lanes, **i64),
+            end_flags=torch.zeros((rows, lanes), dtype=torch.uint8, device=device),
+            ret=torch.zeros((rows, lanes), dtype=torch.float32, device=device),
+            final_idx=torch.zeros((rows, lanes), **i64),
+            fin_head=torch.zeros(lanes, **i64),
+            zeros=(torch.zeros((), dtype=torch.uint8, device=device),
+                   torch.zeros((), dtype=torch.float32, device=device)),
         )
 
     @property
@@ -79,103 +68,93 @@ class EpisodeIndex:
         return self.start.shape[0]
 
     @property
-    def records(self) -> int:
-        return self.rec.shape[0] - 1
+    def lanes(self) -> int:
+        return self.start.shape[1]
 
 
-def _append_records(ix: EpisodeIndex, ended: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-    """Write one record per ended lane (from the lane's current stats); returns record numbers [N].
-
-    Record numbers are valid only where ``ended``; the others point past the last record.
-    """
-    count = ended.long()
-    rec = torch.cumsum(count, 0).add_(ix.head - 1)
-    pos = torch.where(ended, rec % ix.records, ix.records)
-    fields = torch.stack((ix.lane_start, ix.lanes, ix.lane_len, flags), 1)
-    ix.rec.index_copy_(0, pos, fields)
-    ix.rec_ret.index_copy_(0, pos, ix.lane_ret)
-    torch.add(rec[-1], 1, out=ix.head)
-    return rec
+def _close(ix: EpisodeIndex, row: int, ended: torch.Tensor, flags: torch.Tensor | None) -> None:
+    """Mark the episodes of ``ended`` lanes as ending at ring row ``row``; ``flags`` [N] uint8
+    (with the ENDED bit) describes them, None meaning plain terminations."""
+    if flags is None:
+        ix.end_flags[row].copy_(ended)
+    else:
+        torch.where(ended, flags, ix.zeros[0], out=ix.end_flags[row])
 
 
-def add_step(ix: EpisodeIndex, done: torch.Tensor, flags: torch.Tensor, reward: torch.Tensor | None,
-             abs_row: int, marks_last: bool, next_step: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def add_step(ix: EpisodeIndex, done: torch.Tensor, flags: torch.Tensor | None,
+             reward: torch.Tensor | None, abs_row: int, marks_last: bool,
+             next_step: bool) -> torch.Tensor | None:
     """Update the episode index for the row written at absolute row ``abs_row``.
 
     done: [N] bool, the flags of this add (``marks_last``: the row ends its episode; otherwise
         the row follows the end of an episode).
-    flags: [N] int64, record flags (truncated, final obs stored) for episodes ending with this add.
-    reward: [N] rewards of this row, or None when returns are not tracked.
-    Returns ``(ended, rec)``: [N] lanes whose episode ended with this add and their record
-    numbers, or ``(None, None)`` when no episode can have ended (the very first row, first mode).
+    flags: [N] uint8 ``end_flags`` of episodes ending with this add (ENDED set), or None
+        for plain terminations without a stored final obs.
+    reward: [N] float32 rewards of this row, or None when returns are not tracked.
+    Returns [N] bool, the lanes whose episode ended with this add (at row ``abs_row`` when
+    ``marks_last``, else at ``abs_row - 1``), or None on the very first add of first mode.
     """
     rows = ix.rows
     row = abs_row % rows
-    first_row = abs_row == 0
-    # Which lanes' episodes ended on the previous row (known at this add).
-    if first_row:
-        ended_before = None
-    elif marks_last:
-        ended_before = ix.phase == 1
-    elif next_step:
-        ended_before = done & (ix.phase == 0)  # a flag right after a reset row ends nothing
-    else:
-        ended_before = done
-    is_reset = ended_before if next_step else None
-    starts = (ix.phase == 2) if next_step else ended_before
-
-    ended = rec = None
-    if not marks_last and ended_before is not None:
-        # The flag closes the episode of the previous row: record it before row a joins the stats.
-        rec = _append_records(ix, ended_before, flags)
-        prev = (abs_row - 1) % rows
-        ix.end_rec[prev] = torch.where(ended_before, rec, ix.end_rec[prev])
-        ended = ended_before
-
-    if first_row:
-        ix.lane_start.fill_(0)
-        ix.lane_len.fill_(1)
-        ix.lane_ret.zero_()
-        if reward is not None:
-            ix.lane_ret.add_(reward)
-    else:
-        ix.lane_start.masked_fill_(starts, abs_row)
-        ix.lane_len.masked_fill_(starts, 0)
-        ix.lane_ret.masked_fill_(starts, 0.0)
-        if is_reset is None:
-            ix.lane_len.add_(1)
-            if reward is not None:
-                ix.lane_ret.add_(reward)
+    start_row, ret_row = ix.start[row], ix.ret[row]
+    ended = None
+    if abs_row == 0:
+        start_row.zero_()
+        if reward is None:
+            ret_row.zero_()
         else:
-            ix.lane_len.add_(~is_reset)
-            if reward is not None:
-                ix.lane_ret.add_(reward.masked_fill(is_reset, 0))
-
-    if is_reset is None:
-        ix.start[row] = ix.lane_start
+            ret_row.copy_(reward)
+        is_reset = None
     else:
-        ix.start[row] = ix.lane_start.masked_fill(is_reset, SENTINEL)
-
+        prev = (abs_row - 1) % rows
+        prev_start = ix.start[prev]
+        if marks_last:
+            prev_ended = ix.end_flags[prev] != 0
+            is_reset = prev_ended if next_step else None
+            starts = (prev_start == SENTINEL) if next_step else prev_ended
+        else:
+            if next_step:
+                ended = done & (prev_start != SENTINEL)  # a flag right after a reset row ends nothing
+                is_reset, starts = ended, prev_start == SENTINEL
+            else:
+                ended, is_reset, starts = done, None, done
+            # The flag closes the episode of the previous row.
+            _close(ix, prev, ended, flags)
+        here = torch.full((), abs_row, dtype=torch.int64, device=start_row.device)
+        torch.where(starts, here, prev_start, out=start_row)
+        if reward is None:
+            torch.where(starts, ix.zeros[1], ix.ret[prev], out=ret_row)
+        else:
+            torch.where(starts, reward, ix.ret[prev] + reward, out=ret_row)
+        if is_reset is not None:
+            start_row.masked_fill_(is_reset, SENTINEL)
+            ret_row.masked_fill_(is_reset, 0.0)
     if marks_last:
         ended = done if is_reset is None else done & ~is_reset
-        rec = _append_records(ix, ended, flags)
-        ix.end_rec[row] = torch.where(ended, rec, -1)
-        if next_step:
-            phase = ended.long()
-            if is_reset is not None:
-                phase.add_(is_reset.long(), alpha=2)
-            ix.phase.copy_(phase)
-        else:
-            ix.phase.copy_(ended)
+        _close(ix, row, ended, flags)
     else:
-        ix.end_rec[row] = -1
-        if next_step:
-            if is_reset is None:
-                ix.phase.zero_()
-            else:
-                ix.phase.copy_(is_reset.long() * 2)
-    ix.row_head[abs_row % (rows + 1)] = ix.head
-    return ended, rec
+        ix.end_flags[row].zero_()
+    return ended
+
+
+def store_finals(ix: EpisodeIndex, ended: torch.Tensor, end_row: int, final_rows: int) -> torch.Tensor:
+    """Reserve side-table rows for the final observations of ``ended`` lanes, whose episodes
+    end at ring row ``end_row``. Each lane has its own ring of ``final_rows`` rows (plus a
+    scratch row ``final_rows`` that absorbs the writes of lanes that did not end), evicted in
+    the lane's own time order, as its storage is.
+
+    Returns the side-table row [N] each lane's final observation is to be written to.
+    """
+    pos = torch.where(ended, ix.fin_head % final_rows, final_rows)
+    ix.final_idx[end_row] = ix.fin_head
+    ix.fin_head.add_(ended)
+    return pos
+
+
+def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table.view(-1)[index]`` for an index of any shape, through ``index_select`` (several
+    times faster than advanced indexing on the CPU)."""
+    return table.view(-1).index_select(0, index.reshape(-1)).view(index.shape)
 
 
 def first_choice(ok: torch.Tensor, *proposed: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -202,40 +181,42 @@ def transition_slots(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int,
     row = proposals.div(lanes, rounding_mode="floor").add_(oldest)
     if not next_step:
         return slot[:, 0], row[:, 0], None
-    ok = ix.start.view(-1)[slot] != SENTINEL
+    ok = take(ix.start, slot) != SENTINEL
     return first_choice(ok, slot, row)
 
 
-def transition_links(ix: EpisodeIndex, slot: torch.Tensor, final_rows: int, next_step: bool) -> dict:
-    """Successor and end-of-episode facts of transitions at ``slot`` [B].
+def transition_links(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, final_rows: int,
+                     next_step: bool) -> dict:
+    """Successor and end-of-episode facts of transitions at ``slot`` [B] (absolute ``row`` [B]).
 
-    final_rows: rows of the final-obs side table (0 when there is none).
-    Returns a dict of [B] tensors: ``succ`` (slot of the next row), ``is_last``,
-    ``terminated``, ``truncated``, ``use_final`` (next obs comes from the side table, at
-    ``final_pos``), ``next_valid``.
+    final_rows: rows per lane of the final-obs side table (0 when there is none).
+    Returns a dict of [B] tensors: ``succ`` (slot of the next row), ``is_first``, ``is_last``,
+    ``terminated``, ``truncated``, ``next_valid``, and ``final`` (the row of the flattened
+    side table ``[(final_rows + 1) * N]`` holding the next obs where ``use_final``) or None.
     """
     rows, lanes = ix.start.shape
-    rec = ix.end_rec.view(-1)[slot]
-    is_last = rec >= 0
-    flags = ix.rec[:, REC_FLAGS][rec.clamp_min(0) % ix.records]
-    truncated = is_last & ((flags & FLAG_TRUNCATED) != 0)
+    flags = take(ix.end_flags, slot)
+    is_last = flags != 0
+    truncated = (flags & TRUNCATED) != 0
     out = {
         "succ": (slot + lanes) % (rows * lanes),
+        "is_first": take(ix.start, slot) == row,
         "is_last": is_last,
         "terminated": is_last & ~truncated,
         "truncated": truncated,
+        "use_final": None,
     }
     if next_step:
         # The reset row after an episode's end holds its final observation.
-        out["use_final"] = None
         out["next_valid"] = torch.ones_like(is_last)
     elif final_rows == 0:
-        out["use_final"] = None
         out["next_valid"] = ~is_last
     else:
-        kept = (flags & FLAG_HAS_FINAL != 0) & (rec >= ix.head - final_rows)
+        lane = slot % lanes
+        idx = take(ix.final_idx, slot)
+        kept = ((flags & HAS_FINAL) != 0) & (ix.fin_head[lane] - idx <= final_rows)
         out["use_final"] = is_last
-        out["final_pos"] = rec.clamp_min(0) % final_rows
+        out["final"] = (idx % final_rows) * lanes + lane
         out["next_valid"] = ~is_last | kept
     return out
 
@@ -253,7 +234,7 @@ def window_ends(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int,
     first = oldest + length - 1
     slot = (proposals + first * lanes) % (rows * lanes)
     end_row = proposals.div(lanes, rounding_mode="floor").add_(first)
-    ok = ix.start.view(-1)[slot] <= end_row - (length - 1)
+    ok = take(ix.start, slot) <= end_row - (length - 1)
     return first_choice(ok, slot, end_row)
 
 
@@ -263,55 +244,59 @@ def window_slots(end_slot: torch.Tensor, length: int, rows: int, lanes: int) -> 
     return (end_slot[:, None] - back).remainder_(rows * lanes)
 
 
-def live_record_range(ix: EpisodeIndex, oldest: int, marks_last: bool) -> torch.Tensor:
-    """Lowest record number that can still describe a fully live episode ([] int64).
+def slot_age(rows: int, lanes: int, oldest: int, device: torch.device) -> torch.Tensor:
+    """[T, N] (expanded view) rows from ``oldest`` to each slot's row: its absolute row is
+    ``oldest + age``, and it is live when ``age < live_rows``."""
+    ring = torch.arange(rows, device=device)
+    return ((ring - oldest) % rows)[:, None].expand(rows, lanes)
 
-    Records are appended in the order their ends become known; those appended no later than
-    the add that made the row before ``oldest`` known to end describe episodes that began
-    before ``oldest``.
+
+def whole_episode_ends(ix: EpisodeIndex, oldest: int, live: int) -> torch.Tensor:
+    """[T * N] bool: slots that end a finished episode whose every row is live.
+
+    One pass over the index (O(capacity)): the episode sampler builds this once per add and
+    then draws from it exactly, in O(log capacity) per episode.
     """
-    if oldest == 0:
-        return torch.zeros_like(ix.head)
-    known = oldest - 1 if marks_last else oldest
-    return ix.row_head[known % (ix.rows + 1)].clone()
+    rows, lanes = ix.start.shape
+    age = slot_age(rows, lanes, oldest, ix.start.device)
+    return ((ix.end_flags != 0) & (age < live) & (ix.start >= oldest)).view(-1)
 
 
-def episode_choice(ix: EpisodeIndex, uniforms: torch.Tensor, low: torch.Tensor,
-                   oldest: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Records of finished, fully live episodes.
+def episode_choice(cum: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw end slots uniformly from the eligible slots.
 
-    uniforms: [B, M] float64 in [0, 1); each proposes the record ``low + floor(u * count)``
-    with ``count = head - low``; episodes cut by the seam are rejected.
-    Returns (record slot in the table [B], valid [B]).
+    cum: [T * N] int64 inclusive cumulative count of eligible end slots.
+    uniforms: [B] float64 in [0, 1). Returns (end slot [B], valid [B]; False when none is eligible).
     """
-    count = ix.head - low
-    rec = low + (uniforms * count).long().clamp_max_(count - 1)
-    pos = rec.clamp_min(0) % ix.records
-    ok = (count > 0) & (ix.rec[:, REC_START][pos] >= oldest)
-    return first_choice(ok, pos)
+    count = cum[-1]
+    r = (uniforms * count).long().clamp_max_(count - 1).clamp_min_(0)
+    slot = torch.searchsorted(cum, r, right=True)
+    return slot.clamp_max_(cum.shape[0] - 1), (count > 0).expand(uniforms.shape[0])
 
 
-def pack_episodes(ix: EpisodeIndex, pos: torch.Tensor, valid: torch.Tensor, max_rows: int) -> dict:
+def pack_episodes(ix: EpisodeIndex, end_slot: torch.Tensor, valid: torch.Tensor, oldest: int,
+                  max_rows: int) -> dict:
     """Lay chosen episodes end to end in ``max_rows`` rows.
 
     Episodes that would overflow ``max_rows`` are dropped from the batch (``valid=False``,
     length 0), so every kept episode is whole.
     Returns [B] ``lane``, ``length``, ``valid``, ``cu_seqlens`` [B + 1], and per packed row
-    [max_rows] ``slot``, ``row`` (absolute), ``mask``.
+    [max_rows] ``slot``, ``mask``, ``is_first``, ``is_last``.
     """
     rows, lanes = ix.start.shape
-    start = ix.rec[pos, REC_START]
-    lane = ix.rec[pos, REC_LANE]
-    length = ix.rec[pos, REC_LEN] * valid
+    total = rows * lanes
+    end_row = oldest + (end_slot.div(lanes, rounding_mode="floor") - oldest) % rows
+    length = (end_row + 1 - take(ix.start, end_slot)) * valid
     valid = valid & (torch.cumsum(length, 0) <= max_rows)
     length = length * valid
-    cu = torch.zeros(pos.shape[0] + 1, dtype=torch.int64, device=pos.device)
+    first_slot = (end_slot - (length - 1) * lanes) % total
+    cu = torch.zeros(end_slot.shape[0] + 1, dtype=torch.int64, device=end_slot.device)
     torch.cumsum(length, 0, out=cu[1:])
-    r = torch.arange(max_rows, device=pos.device)
-    b = torch.searchsorted(cu[1:], r, right=True).clamp_max_(pos.shape[0] - 1)
-    row = start[b] + (r - cu[b])
+    r = torch.arange(max_rows, device=end_slot.device)
+    b = torch.searchsorted(cu[1:], r, right=True).clamp_max_(end_slot.shape[0] - 1)
     mask = r < cu[-1]
-    row = torch.where(mask, row, start[b])
-    slot = (row % rows) * lanes + lane[b]
-    return {"lane": lane, "length": length, "valid": valid, "cu_seqlens": cu,
-            "slot": slot, "row": row, "mask": mask}
+    offset = (r - cu[b]) * mask
+    slot = (first_slot[b] + offset * lanes) % total
+    return {"lane": end_slot % lanes, "length": length, "valid": valid, "cu_seqlens": cu,
+            "slot": slot, "mask": mask, "is_first": mask & (offset == 0),
+            "is_last": mask & (offset == length[b] - 1)}

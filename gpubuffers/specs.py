@@ -39,29 +39,34 @@ def _is_tensordict(obj: Any) -> bool:
 
 def flatten(step: Any, what: str) -> dict[str, Any]:
     """Flatten a nested mapping (or TensorDict) into ``{"a/b": leaf}``; leaves are not checked."""
-    if _is_tensordict(step):
-        step = step.to_dict()
-    if not isinstance(step, Mapping):
-        raise TypeError(f"{what}: expected a dict of tensors (or a TensorDict), got {type(step).__name__}")
+    if type(step) is not dict:
+        if _is_tensordict(step):
+            step = step.to_dict()
+        elif not isinstance(step, Mapping):
+            raise TypeError(f"{what}: expected a dict of tensors (or a TensorDict), got {type(step).__name__}")
     out: dict[str, Any] = {}
-
-    def walk(node: Mapping, prefix: str) -> None:
-        for key, value in node.items():
-            if not isinstance(key, str) or not key or "/" in key:
-                raise ValueError(f"{what}: leaf names must be non-empty strings without '/', got {key!r}")
-            path = f"{prefix}{key}"
-            if _is_tensordict(value):
-                value = value.to_dict()
-            if isinstance(value, Mapping):
-                if not value:
-                    raise ValueError(f"{what}: '{path}' is an empty dict; expected tensors")
-                walk(value, path + "/")
-            else:
-                out[path] = value
-    walk(step, "")
+    _walk(step, "", out, what)
     if not out:
         raise ValueError(f"{what}: expected at least one leaf, got an empty dict")
     return out
+
+
+def _walk(node: Mapping, prefix: str, out: dict[str, Any], what: str) -> None:
+    for key, value in node.items():
+        if type(key) is not str or not key or "/" in key:
+            raise ValueError(f"{what}: leaf names must be non-empty strings without '/', got {key!r}")
+        path = prefix + key
+        if isinstance(value, torch.Tensor):
+            out[path] = value
+            continue
+        if _is_tensordict(value):
+            value = value.to_dict()
+        if isinstance(value, Mapping):
+            if not value:
+                raise ValueError(f"{what}: '{path}' is an empty dict; expected tensors")
+            _walk(value, path + "/", out, what)
+        else:
+            out[path] = value
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:

@@ -155,6 +155,7 @@ def test_conventions_agree(scenario, autoreset):
     assert torch.equal(a.start, b.start)
     known = torch.ones(rows, dtype=torch.bool)
     known[adds % rows] = False  # the newest row
-    assert torch.equal(a.end_rec[known] >= 0, b.end_rec[known] >= 0)
+    assert torch.equal(a.end_flags[known], b.end_flags[known])
+    assert torch.equal(a.ret, b.ret)
     if length <= bufs["first"].live_rows:
         assert enumerate_windows(bufs["first"], length) == enumerate_windows(bufs["last"], length)

@@ -137,7 +137,7 @@ def test_single_environment():
     # Windows of 9 rows fit only in the episodes [12, 20] and [22, 33].
     assert set(starts[q["valid"]].long().tolist()) == set([12]) | set(range(22, 26))
     stats = buf.episode_stats()
-    assert int(stats["finished"]) == 6
+    assert int(stats["count"]) == 6
     assert float(stats["mean_length"]) == pytest.approx((5 + 1 + 6 + 9 + 1 + 12) / 6)
 
 

@@ -18,7 +18,7 @@ def step(t=0, n=N):
 
 def snapshot(buf):
     ix = buf.index
-    tensors = {} if ix is None else {k: v.clone() for k, v in vars(ix).items()}
+    tensors = {} if ix is None else {k: v.clone() for k, v in vars(ix).items() if isinstance(v, torch.Tensor)}
     tensors.update({f"storage/{k}": v.clone() for k, v in buf.storage.items()})
     gen = None if buf._gen is None else buf._gen.get_state().clone()
     return buf.num_adds, buf.device, copy.copy(buf.specs), tensors, gen

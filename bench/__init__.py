@@ -1,0 +1,1 @@
+"""Benchmarks of gpubuffers: ``python -m bench`` (see ``python -m bench --help``)."""
