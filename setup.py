@@ -17,7 +17,7 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict"],
         "bench": ["matplotlib", "pytest-benchmark", "torchrl", "tensordict"],
     },
 )

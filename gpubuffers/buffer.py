@@ -60,13 +60,16 @@ class ReplayBuffer:
         max_proposals: uniform proposals per sampled item for the samplers that reject
             (sequences, episodes, ``next_step`` transitions); an item whose proposals are
             all rejected is returned with ``valid=False``.
+        backend: ``"torch"`` (pure torch) or ``"triton"`` (kernels); default: triton for CUDA
+            tensors when it is installed, else torch, unless ``GPUBUFFERS_BACKEND`` says otherwise.
     """
 
     def __init__(self, capacity: int, num_envs: int | None = None, *,
                  device: str | torch.device | None = None, done_marks: str = "first",
                  autoreset: str = "same_step", next_keys: Sequence[str] = ("obs",),
                  seed: int | None = None, reward_key: str | None = "reward",
-                 final_obs_capacity: int | None = None, max_proposals: int = 32) -> None:
+                 final_obs_capacity: int | None = None, max_proposals: int = 32,
+                 backend: str | None = None) -> None:
         capacity = _positive_int(capacity, "capacity")
         lanes = 1 if num_envs is None else _positive_int(num_envs, "num_envs")
         if capacity // lanes < 2:
@@ -100,10 +103,14 @@ class ReplayBuffer:
         self._storage: dict[str, torch.Tensor] = {}
         self._flat: dict[str, torch.Tensor] = {}
         self._final: dict[str, torch.Tensor] | None = None
+        self._final_flat: dict[str, torch.Tensor] = {}
         self._episode_cum: torch.Tensor | None = None
         self._ix: EpisodeIndex | None = None
-        self._gen: torch.Generator | None = None
+        self._rng: ops.Rng | None = None
         self._ops = None
+        self._backend = backend
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"backend: expected one of {ops.BACKENDS} or None, got {backend!r}")
         self._total = 0
         self._ix_lanes: torch.Tensor | None = None
         self._shapes: dict[str, torch.Size] | None = None
@@ -245,6 +252,7 @@ class ReplayBuffer:
         if finals is not None and self._final is None:
             self._final = {k: torch.zeros((self._final_rows + 1, self._lanes, *specs[k].shape),
                                           dtype=specs[k].dtype, device=device) for k in finals}
+            self._final_flat = {k: t.view(-1, *specs[k].shape) for k, t in self._final.items()}
         row = self._total % self._rows
         for p, v in flat.items():
             self._storage[p][row] = v
@@ -323,11 +331,11 @@ class ReplayBuffer:
         ix = EpisodeIndex.empty(rows, lanes, device)
         gen = torch.Generator(device=device)
         gen.manual_seed(self._seed)
-        self._ops = ops.backend(device)
+        self._ops = ops.backend(device, self._backend)
         self._storage = storage
         self._flat = {p: t.view(rows * lanes, *specs[p].shape) for p, t in storage.items()}
         self._ix = ix
-        self._gen = gen
+        self._rng = ops.Rng(gen, self._seed)
         self._ix_lanes = torch.arange(lanes, device=device)
         self._next_leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
         batch = () if self._single else (lanes,)
@@ -342,9 +350,8 @@ class ReplayBuffer:
 
     def _gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every leaf at ``slots`` (any shape): ``[*slots.shape, *leaf_shape]``."""
-        flat_slots = slots.reshape(-1)
-        return {p: t.index_select(0, flat_slots).view(*slots.shape, *self._specs[p].shape)
-                for p, t in self._flat.items()}
+        entries = [(t, None, 0) for t in self._flat.values()]
+        return dict(zip(self._flat, self._ops.gather(entries, (slots,))))
 
     def sample(self, batch_size: int) -> dict[str, Any]:
         """B transitions, uniform over live slots whose successor row has been written.
@@ -366,19 +373,18 @@ class ReplayBuffer:
         ix, lanes = self._ix, self._lanes
         oldest = self.oldest_row
         tries = self.max_proposals if self._next_step else 1
-        proposals = torch.randint(0, (self.live_rows - 1) * lanes, (batch_size, tries),
-                                  generator=self._gen, device=self._device)
-        slot, row, valid = self._ops.transition_slots(ix, proposals, oldest, self._next_step)
+        slot, row, valid = self._ops.sample_transition_slots(ix, self._rng, batch_size, tries, oldest,
+                                                             self.live_rows, self._next_step)
         links = self._ops.transition_links(ix, slot, row, 0 if self._final is None else self._final_rows,
                                            self._next_step)
-        out: dict[str, Any] = self._gather(slot)
-        nxt = {}
-        for k in self._next_leaves:
-            value = self._flat[k].index_select(0, links["succ"])
-            if links["use_final"] is not None:
-                final = self._final[k].view(-1, *self._specs[k].shape).index_select(0, links["final"])
-                value = torch.where(links["use_final"].view(-1, *[1] * (value.dim() - 1)), final, value)
-            nxt[k] = value
+        # One gather for the leaves and the next leaves (successor row, or side table at an end).
+        use_final = links["use_final"]
+        entries = [(t, None, 0) for t in self._flat.values()]
+        entries += [(self._flat[k], None if use_final is None else self._final_flat[k], 1)
+                    for k in self._next_leaves]
+        values = self._ops.gather(entries, (slot, links["succ"]), links.get("final"), use_final)
+        out: dict[str, Any] = dict(zip(self._flat, values))
+        nxt = dict(zip(self._next_leaves, values[len(self._flat):]))
         out = unflatten(out)
         out["next"] = unflatten(nxt)
         out["next_valid"] = links["next_valid"]
@@ -406,10 +412,8 @@ class ReplayBuffer:
             raise ValueError(f"length: no window of {length} rows fits in the {self.live_rows} "
                              f"live rows; add more steps first")
         ix, lanes, rows = self._ix, self._lanes, self._rows
-        proposals = torch.randint(0, (self.live_rows - length + 1) * lanes,
-                                  (batch_size, self.max_proposals), generator=self._gen,
-                                  device=self._device)
-        end_slot, end_row, valid = self._ops.window_ends(ix, proposals, self.oldest_row, length)
+        end_slot, end_row, valid = self._ops.sample_window_ends(ix, self._rng, batch_size, self.max_proposals,
+                                                                self.oldest_row, self.live_rows, length)
         slots = self._ops.window_slots(end_slot, length, rows, lanes)
         out: dict[str, Any] = unflatten(self._gather(slots))
         window_rows = end_row[:, None] - torch.arange(length - 1, -1, -1, device=self._device)
@@ -442,7 +446,8 @@ class ReplayBuffer:
         if self._total == 0:
             raise ValueError("sample_episodes: the buffer is empty; add steps first")
         ix = self._ix
-        uniforms = torch.rand(batch_size, dtype=torch.float64, generator=self._gen, device=self._device)
+        uniforms = torch.rand(batch_size, dtype=torch.float64, generator=self._rng.generator,
+                              device=self._device)
         end_slot, valid = self._ops.episode_choice(self._episode_cumsum(), uniforms)
         packed = self._ops.pack_episodes(ix, end_slot, valid, self.oldest_row, max_rows)
         out: dict[str, Any] = unflatten(self._gather(packed["slot"]))

@@ -3,6 +3,7 @@ both autoreset modes, with many wraps of the seam."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -14,9 +15,9 @@ MODES = [(m, a) for m in ("first", "last") for a in ("same_step", "next_step")]
 
 
 @st.composite
-def scenarios(draw):
-    lanes = draw(st.sampled_from([1, 3, 7, 64]))
-    rows = draw(st.integers(2, 9))
+def scenarios(draw, lane_counts=(1, 3, 7, 64), max_rows=9):
+    lanes = draw(st.sampled_from(lane_counts))
+    rows = draw(st.integers(2, max_rows))
     adds = draw(st.integers(1, 5 * rows))  # up to four wraps of the seam
     # Each lane repeats its own short plan of episodes (one-step episodes included).
     plans = [draw(st.lists(st.tuples(st.integers(1, 6), st.booleans()), min_size=1, max_size=4))
@@ -26,9 +27,9 @@ def scenarios(draw):
     return lanes, rows, adds, plans, length
 
 
-def make(lanes, rows, marks, autoreset, seed=0):
+def make(lanes, rows, marks, autoreset, seed=0, backend="torch"):
     return ReplayBuffer(rows * lanes, lanes, done_marks=marks, autoreset=autoreset, seed=seed,
-                        final_obs_capacity=rows * lanes)
+                        final_obs_capacity=rows * lanes, backend=backend)
 
 
 def enumerate_windows(buf, length):
@@ -78,11 +79,23 @@ def test_index_matches_oracle(scenario, mode):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios(), st.sampled_from(MODES), st.integers(0, 2**31))
 def test_samples_match_oracle(scenario, mode, seed):
+    check_samples(scenario, mode, seed, "torch")
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(lane_counts=(1, 3, 7), max_rows=6), st.sampled_from(MODES), st.integers(0, 2**31))
+def test_samples_match_oracle_triton_backend(scenario, mode, seed):
+    # The whole buffer on the Triton kernels (interpreted on CPU): same invariants, same coverage.
+    pytest.importorskip("triton")
+    check_samples(scenario, mode, seed, "triton")
+
+
+def check_samples(scenario, mode, seed, backend):
     lanes_n, rows, adds, plans, length = scenario
     marks, autoreset = mode
     marks_last, next_step = marks == "last", autoreset == "next_step"
     lanes = build_lanes(plans, adds, next_step)
-    buf = make(lanes_n, rows, marks, autoreset, seed)
+    buf = make(lanes_n, rows, marks, autoreset, seed, backend)
     feed(buf, lanes, adds, marks_last, next_step)
     exp = expected(lanes, adds, rows, length, marks_last, next_step)
 

@@ -20,7 +20,7 @@ def snapshot(buf):
     ix = buf.index
     tensors = {} if ix is None else {k: v.clone() for k, v in vars(ix).items() if isinstance(v, torch.Tensor)}
     tensors.update({f"storage/{k}": v.clone() for k, v in buf.storage.items()})
-    gen = None if buf._gen is None else buf._gen.get_state().clone()
+    gen = None if buf._rng is None else buf._rng.generator.get_state().clone()
     return buf.num_adds, buf.device, copy.copy(buf.specs), tensors, gen
 
 

@@ -1,0 +1,196 @@
+"""Every Triton kernel against its pure-torch reference, exactly, on awkward sizes.
+
+On a machine without a GPU the kernels run under the Triton interpreter (conftest sets
+TRITON_INTERPRET=1), which proves results, not speed; with CUDA they run compiled on the GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from gpubuffers import reference as ref
+
+triton = pytest.importorskip("triton")
+from gpubuffers.kernels import episode_index, sampling  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+MODES = [(last, nxt) for last in (False, True) for nxt in (False, True)]
+DONE_PATTERNS = ["none", "all", "random", "alternate"]
+
+
+def done_at(pattern: str, t: int, lanes: int, g: torch.Generator) -> torch.Tensor:
+    if pattern == "none":
+        return torch.zeros(lanes, dtype=torch.bool)
+    if pattern == "all":  # one-step episodes
+        return torch.ones(lanes, dtype=torch.bool)
+    if pattern == "alternate":
+        return (torch.arange(lanes) + t) % 2 == 0
+    return torch.rand(lanes, generator=g) < 0.3
+
+
+def build(lanes, rows, adds, marks_last, next_step, pattern="random", seed=0, with_flags=True):
+    """An index written by the reference, with the done flags used."""
+    g = torch.Generator().manual_seed(seed)
+    ix = ref.EpisodeIndex.empty(rows, lanes, torch.device(DEVICE))
+    for t in range(adds):
+        done = done_at(pattern, t, lanes, g).to(DEVICE)
+        flags = (1 + 2 * (torch.rand(lanes, generator=g) < 0.5)).to(torch.uint8).to(DEVICE) if with_flags else None
+        reward = torch.randn(lanes, generator=g).to(DEVICE)
+        ref.add_step(ix, done, flags, reward, t, marks_last, next_step)
+    return ix
+
+
+def assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()
+        raise AssertionError(f"{what}: {bad.shape[0]} of {want.numel()} elements differ, first at "
+                             f"{bad[0].tolist()}: got {got[tuple(bad[0])]}, want {want[tuple(bad[0])]}")
+
+
+# N = 1 (single lane), 7, 1023 (just under a block), 4097 (one past four blocks).
+@pytest.mark.parametrize("lanes", [1, 7, 1023, 4097])
+@pytest.mark.parametrize("marks_last,next_step", MODES)
+@pytest.mark.parametrize("pattern", DONE_PATTERNS)
+def test_add_step_matches_reference(lanes, marks_last, next_step, pattern):
+    rows = 3  # wraps the seam every three adds
+    adds = 8 if lanes < 1000 else 5
+    g = torch.Generator().manual_seed(lanes)
+    want = ref.EpisodeIndex.empty(rows, lanes, torch.device(DEVICE))
+    got = copy.deepcopy(want)
+    for t in range(adds):
+        done = done_at(pattern, t, lanes, g).to(DEVICE)
+        flags = None if t % 2 else (1 + 2 * (torch.rand(lanes, generator=g) < 0.5)).to(torch.uint8).to(DEVICE)
+        reward = None if t == 3 else torch.randn(lanes, generator=g).to(DEVICE)
+        done_in = done.clone()
+        e_want = ref.add_step(want, done, flags, reward, t, marks_last, next_step)
+        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, done, flags, reward, t,
+                                       marks_last, next_step)
+        assert torch.equal(done, done_in)  # inputs untouched
+        assert (e_want is None) == (e_got is None)
+        if e_want is not None:
+            assert_same(e_got, e_want, f"ended at add {t}")
+        for name in ("start", "end_flags", "ret"):
+            assert_same(getattr(got, name), getattr(want, name), f"{name} after add {t}")
+
+
+def test_add_step_rejects_bad_layout():
+    ix = ref.EpisodeIndex.empty(3, 4, torch.device(DEVICE))
+    with pytest.raises(ValueError, match="done: expected bool"):
+        episode_index.add_step(ix.start, ix.end_flags, ix.ret, torch.zeros(4, device=DEVICE), None, None,
+                               0, True, False)
+
+
+def seam_cases(rows):
+    # The newest row at every position around the seam: before the first wrap, on it, after.
+    return sorted({max(2, rows - 2), rows - 1, rows, rows + 1, rows + 2, 2 * rows + 1, 3 * rows})
+
+
+@pytest.mark.parametrize("lanes", [1, 7, 1023])
+@pytest.mark.parametrize("marks_last,next_step", MODES)
+@pytest.mark.parametrize("adds", seam_cases(6))
+def test_transition_sampler_matches_reference(lanes, marks_last, next_step, adds):
+    rows = 6
+    ix = build(lanes, rows, adds, marks_last, next_step, seed=adds)
+    live = min(adds, rows)
+    oldest = adds - live
+    batch, tries, seed, offset = 257, (8 if next_step else 1), 1234 + adds, 77 * lanes
+    proposals = ref.philox_below(seed, offset, (batch, tries), (live - 1) * lanes, ix.start.device)
+    want = ref.transition_slots(ix, proposals, oldest, next_step)
+    got = sampling.transition_slots(ix.start, seed, offset, batch, tries, oldest, live, next_step)
+    assert_same(got[0], want[0], "slot")
+    assert_same(got[1], want[1], "row")
+    if next_step:
+        assert_same(got[2], want[2], "valid")
+    else:
+        assert got[2].all()
+
+
+@pytest.mark.parametrize("lanes", [1, 7, 1023])
+@pytest.mark.parametrize("marks_last,next_step", MODES)
+@pytest.mark.parametrize("length", [1, 2, 5, 6])  # 5 and 6 are longer than most episodes here
+@pytest.mark.parametrize("pattern", ["random", "all", "none"])
+def test_window_sampler_matches_reference(lanes, marks_last, next_step, length, pattern):
+    rows, adds = 6, 17
+    ix = build(lanes, rows, adds, marks_last, next_step, pattern=pattern, seed=length)
+    live, oldest = rows, adds - rows
+    batch, tries, seed, offset = 200, 16, 99, 12345678901
+    proposals = ref.philox_below(seed, offset, (batch, tries), (live - length + 1) * lanes, ix.start.device)
+    want = ref.window_ends(ix, proposals, oldest, length)
+    got = sampling.window_ends(ix.start, seed, offset, batch, tries, oldest, live, length)
+    for g, w, name in zip(got, want, ("end slot", "end row", "valid")):
+        assert_same(g, w, name)
+    if pattern == "all" and not next_step:
+        assert (length == 1) == bool(want[2].all()) and (length > 1) == (not want[2].any())
+
+
+def test_philox_reference_matches_triton_stream():
+    import triton.language as tl
+
+    @triton.jit
+    def draws(out_ptr, seed, offset, n, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        a, b, c, d = tl.randint4x(seed, offset + i.to(tl.int64))
+        m = i < n
+        for j, w in enumerate((a, b, c, d)):
+            tl.store(out_ptr + i * 4 + j, w.to(tl.int64) & 0xFFFFFFFF, mask=m)
+
+    for seed, offset in [(0, 0), (7, 2**32 - 3), (2**61 + 5, 2**45)]:
+        out = torch.zeros(64, 4, dtype=torch.int64, device=DEVICE)
+        draws[(1,)](out, seed, offset, 64, BLOCK=64)
+        want = torch.stack(ref.philox4x32(seed, torch.arange(64, device=DEVICE) + offset), 1)
+        assert_same(out, want, f"philox seed={seed} offset={offset}")
+
+
+def test_philox_below_is_uniform():
+    x = ref.philox_below(3, 0, (200_000,), 10, torch.device("cpu"))
+    counts = torch.bincount(x, minlength=10).double()
+    assert x.min() >= 0 and x.max() < 10
+    assert ((counts - 20_000).abs() < 5 * 20_000 ** 0.5).all()
+
+
+# ------------------------------------------------------------------------------- fused gather
+from gpubuffers.kernels import gather as gather_kernel  # noqa: E402
+
+
+def leaf_sources(rows_total, g):
+    """Leaves of several dtypes and trailing shapes, with identifiable contents."""
+    base = torch.arange(rows_total)
+    return [
+        torch.randn(rows_total, 5, generator=g),                               # float32 [5]
+        (base[:, None, None, None] % 251).to(torch.uint8).expand(rows_total, 3, 4, 4).contiguous(),  # uint8 image
+        torch.randn(rows_total, 3, generator=g).to(torch.float16),             # float16 [3]
+        base.clone(),                                                          # int64 scalar
+        (base % 3 == 0),                                                       # bool scalar
+    ]
+
+
+@pytest.mark.parametrize("n_items", [1, 7, 33, 300])
+@pytest.mark.parametrize("with_alt", [False, True])
+def test_gather_matches_reference(n_items, with_alt):
+    g = torch.Generator().manual_seed(n_items)
+    rows_total = 97
+    sources = [s.to(DEVICE) for s in leaf_sources(rows_total, g)]
+    alt_rows = 11
+    alts = [torch.randn(alt_rows, 5, generator=g).to(DEVICE), None, None, None, None] if with_alt else [None] * 5
+    entries = [(s, a, 0) for s, a in zip(sources, alts)] + [(sources[0], alts[0], 1), (sources[1], None, 1)]
+    slots = torch.randint(0, rows_total, (n_items,), generator=g).to(DEVICE)
+    succ = (slots + 1) % rows_total
+    alt_slot = torch.randint(0, alt_rows, (n_items,), generator=g).to(DEVICE) if with_alt else None
+    use_alt = (torch.rand(n_items, generator=g) < 0.5).to(DEVICE) if with_alt else None
+    want = ref.gather(entries, (slots, succ), alt_slot, use_alt)
+    plan = gather_kernel.make_plan(entries)
+    before = [s.clone() for s in sources]
+    got = gather_kernel.gather(plan, torch.stack([slots, succ]), alt_slot, use_alt)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous()
+        assert_same(a, b, f"entry {i}")
+    assert all(torch.equal(a, b) for a, b in zip(sources, before))  # sources untouched
+
+
+def test_gather_plan_rejects_mismatched_alternative():
+    src = torch.zeros(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="same row layout"):
+        gather_kernel.make_plan([(src, torch.zeros(4, 2, device=DEVICE), 0)])
