@@ -373,10 +373,9 @@ class ReplayBuffer:
         ix, lanes = self._ix, self._lanes
         oldest = self.oldest_row
         tries = self.max_proposals if self._next_step else 1
-        slot, row, valid = self._ops.sample_transition_slots(ix, self._rng, batch_size, tries, oldest,
-                                                             self.live_rows, self._next_step)
-        links = self._ops.transition_links(ix, slot, row, 0 if self._final is None else self._final_rows,
-                                           self._next_step)
+        links = self._ops.sample_transitions(ix, self._rng, batch_size, tries, oldest, self.live_rows,
+                                             self._next_step, 0 if self._final is None else self._final_rows)
+        slot, valid = links["slot"], links["valid"]
         # One gather for the leaves and the next leaves (successor row, or side table at an end).
         use_final = links["use_final"]
         entries = [(t, None, 0) for t in self._flat.values()]

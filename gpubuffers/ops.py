@@ -89,11 +89,16 @@ class TritonOps:
         return self._episode_index.add_step(ix.start, ix.end_flags, ix.ret, done, flags, reward,
                                             abs_row, marks_last, next_step)
 
-    def sample_transition_slots(self, ix, rng: Rng, batch, tries, oldest, live, next_step):
+    def sample_transitions(self, ix, rng: Rng, batch, tries, oldest, live, next_step, final_rows):
         offset = rng.advance(batch * tries)
-        slot, row, valid = self._sampling.transition_slots(ix.start, rng.seed, offset, batch, tries,
-                                                           oldest, live, next_step)
-        return slot, row, valid if next_step else None
+        out = self._sampling.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, rng.seed,
+                                         offset, batch, tries, oldest, live, next_step, final_rows)
+        if next_step or final_rows == 0:
+            out["use_final"] = None
+            del out["final"]
+        if not next_step:
+            out["valid"] = None
+        return out
 
     def sample_window_ends(self, ix, rng: Rng, batch, tries, oldest, live, length):
         offset = rng.advance(batch * tries)

@@ -358,12 +358,23 @@ def philox_below(seed: int, offset: int, shape: tuple[int, ...], high: int | tor
 # ---------------------------------------------------------------------------------------------
 # Sampler entry points: draw proposals from the buffer's generator, then pick.
 
-def sample_transition_slots(ix: EpisodeIndex, rng, batch: int, tries: int, oldest: int, live: int,
-                            next_step: bool):
-    """(slot [B], row [B], valid [B] or None): uniform transitions whose successor is written."""
+def transitions(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int, next_step: bool,
+                final_rows: int) -> dict:
+    """Pick transitions from [B, M] proposals (see :func:`transition_slots`) and describe them
+    (see :func:`transition_links`): one dict with ``slot``, ``row``, ``valid`` (None when every
+    proposal is accepted) and the links."""
+    slot, row, valid = transition_slots(ix, proposals, oldest, next_step)
+    out = transition_links(ix, slot, row, final_rows, next_step)
+    out.update(slot=slot, row=row, valid=valid)
+    return out
+
+
+def sample_transitions(ix: EpisodeIndex, rng, batch: int, tries: int, oldest: int, live: int,
+                       next_step: bool, final_rows: int) -> dict:
+    """Uniform transitions whose successor is written, drawn from the buffer's generator."""
     proposals = torch.randint(0, (live - 1) * ix.lanes, (batch, tries), generator=rng.generator,
                               device=ix.start.device)
-    return transition_slots(ix, proposals, oldest, next_step)
+    return transitions(ix, proposals, oldest, next_step, final_rows)
 
 
 def sample_window_ends(ix: EpisodeIndex, rng, batch: int, tries: int, oldest: int, live: int,

@@ -88,24 +88,46 @@ def seam_cases(rows):
     return sorted({max(2, rows - 2), rows - 1, rows, rows + 1, rows + 2, 2 * rows + 1, 3 * rows})
 
 
+def with_finals(ix, lanes, rows, final_rows, seed):
+    """Fill the final-obs bookkeeping as stored finals would: some ends kept, some dropped."""
+    g = torch.Generator().manual_seed(seed)
+    ix.final_idx.copy_(torch.randint(0, 3 * final_rows, (rows, lanes), generator=g))
+    ix.fin_head.copy_(torch.randint(2 * final_rows, 4 * final_rows, (lanes,), generator=g))
+    with_bit = torch.rand(rows, lanes, generator=g) < 0.7
+    ix.end_flags.copy_(torch.where((ix.end_flags != 0) & with_bit, ix.end_flags | ref.HAS_FINAL, ix.end_flags))
+
+
+# Final observations are stored only under same_step; 3 side-table rows per lane drop some.
+TRANSITION_MODES = [(last, nxt, 0) for last, nxt in MODES] + [(False, False, 3), (True, False, 3)]
+
+
 @pytest.mark.parametrize("lanes", [1, 7, 1023])
-@pytest.mark.parametrize("marks_last,next_step", MODES)
+@pytest.mark.parametrize("marks_last,next_step,final_rows", TRANSITION_MODES)
 @pytest.mark.parametrize("adds", seam_cases(6))
-def test_transition_sampler_matches_reference(lanes, marks_last, next_step, adds):
+def test_transition_sampler_matches_reference(lanes, marks_last, next_step, adds, final_rows):
     rows = 6
     ix = build(lanes, rows, adds, marks_last, next_step, seed=adds)
+    if final_rows:
+        with_finals(ix, lanes, rows, final_rows, seed=adds)
     live = min(adds, rows)
     oldest = adds - live
     batch, tries, seed, offset = 257, (8 if next_step else 1), 1234 + adds, 77 * lanes
     proposals = ref.philox_below(seed, offset, (batch, tries), (live - 1) * lanes, ix.start.device)
-    want = ref.transition_slots(ix, proposals, oldest, next_step)
-    got = sampling.transition_slots(ix.start, seed, offset, batch, tries, oldest, live, next_step)
-    assert_same(got[0], want[0], "slot")
-    assert_same(got[1], want[1], "row")
+    want = ref.transitions(ix, proposals, oldest, next_step, final_rows)
+    got = sampling.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, seed, offset, batch,
+                               tries, oldest, live, next_step, final_rows)
+    for key in ("slot", "row", "succ", "is_first", "is_last", "terminated", "truncated", "next_valid"):
+        assert_same(got[key], want[key], key)
     if next_step:
-        assert_same(got[2], want[2], "valid")
+        assert_same(got["valid"], want["valid"], "valid")
     else:
-        assert got[2].all()
+        assert got["valid"].all()
+    if final_rows:
+        assert_same(got["use_final"], want["use_final"], "use_final")
+        used = want["use_final"]
+        assert_same(got["final"][used], want["final"][used], "final")
+        if lanes == 1023:  # both kinds of episode end drawn: final obs kept, and dropped
+            assert (~want["next_valid"]).any() and want["next_valid"][used].any()
 
 
 @pytest.mark.parametrize("lanes", [1, 7, 1023])
