@@ -1,10 +1,10 @@
-"""Index sampling with in-kernel randomness: transitions and sequence windows.
+"""Index sampling with in-kernel randomness: transitions (with their links) and windows.
 
 Each item draws up to ``tries`` uniform proposals from Triton's Philox stream at counters
 ``offset + item * tries + try`` (the host advances ``offset``; nothing is read back), keeps the
 first one accepted, else proposal 0 with ``valid=False``. Mirrors
-:func:`gpubuffers.reference.transition_slots` and :func:`gpubuffers.reference.window_ends` fed
-with :func:`gpubuffers.reference.philox_below` draws. Cost per item is O(tries), independent of
+:func:`gpubuffers.reference.transitions` and :func:`gpubuffers.reference.window_ends` fed with
+:func:`gpubuffers.reference.philox_below` draws. Cost per item is O(tries), independent of
 capacity.
 """
 
@@ -89,12 +89,13 @@ def _transitions_kernel(
 
 
 @triton.jit
-def _pick_kernel(
+def _windows_kernel(
     slot_ptr, row_ptr, valid_ptr,                  # outputs [B]
     start_ptr,                                     # index: start [T * N]
     seed, offset, batch, tries, high, base_row, lanes, total, length,
-    SENTINEL_: tl.constexpr, WINDOWS: tl.constexpr, REJECT: tl.constexpr, BLOCK_: tl.constexpr,
+    BLOCK_: tl.constexpr,
 ):
+    """Pick admissible window ends (as reference.window_ends)."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
     high_f = high.to(tl.float64)
@@ -103,31 +104,23 @@ def _pick_kernel(
     best_row = tl.zeros([BLOCK_], tl.int64)
     found = tl.zeros([BLOCK_], tl.int1)
     for m in range(tries):
-        counter = offset + item.to(tl.int64) * tries + m
-        k = _uniform_below(seed, counter, high_f)
+        k = _uniform_below(seed, offset + item.to(tl.int64) * tries + m, high_f)
         slot = (k + base * lanes) % total
         row = k // lanes + base
-        if REJECT:
-            first = tl.load(start_ptr + slot, mask=mask, other=SENTINEL_)
-            if WINDOWS:
-                ok = first <= row - (length - 1)
-            else:
-                ok = first != SENTINEL_
-            take = (ok & (found == 0)) | (m == 0)
-            best_slot = tl.where(take, slot, best_slot)
-            best_row = tl.where(take, row, best_row)
-            found = found | ok
-        else:
-            best_slot = slot
-            best_row = row
-            found = found | True
+        first = tl.load(start_ptr + slot, mask=mask, other=0)
+        ok = first <= row - (length - 1)
+        take = (ok & (found == 0)) | (m == 0)
+        best_slot = tl.where(take, slot, best_slot)
+        best_row = tl.where(take, row, best_row)
+        found = found | ok
     tl.store(slot_ptr + item, best_slot, mask=mask)
     tl.store(row_ptr + item, best_row, mask=mask)
     tl.store(valid_ptr + item, found.to(tl.int8), mask=mask)
 
 
-def _pick(start: torch.Tensor, seed: int, offset: int, batch: int, tries: int, high: int,
-          base_row: int, length: int, windows: bool, reject: bool):
+def window_ends(start: torch.Tensor, seed: int, offset: int, batch: int, tries: int,
+                oldest: int, live: int, length: int):
+    """(end slot [B], end row [B], valid [B]) of admissible windows of ``length`` rows."""
     rows, lanes = start.shape
     if start.dtype != torch.int64 or not start.is_contiguous():
         raise ValueError("start: expected a contiguous int64 tensor [T, N]")
@@ -135,26 +128,10 @@ def _pick(start: torch.Tensor, seed: int, offset: int, batch: int, tries: int, h
     row = torch.empty(batch, dtype=torch.int64, device=start.device)
     valid = torch.empty(batch, dtype=torch.bool, device=start.device)
     grid = (triton.cdiv(batch, BLOCK),)
-    _pick_kernel[grid](slot, row, valid.view(torch.int8), start, seed, offset, batch, tries, high,
-                       base_row, lanes, rows * lanes, length, SENTINEL_=SENTINEL, WINDOWS=windows,
-                       REJECT=reject, BLOCK_=BLOCK)
+    _windows_kernel[grid](slot, row, valid.view(torch.int8), start, seed, offset, batch, tries,
+                          (live - length + 1) * lanes, oldest + length - 1, lanes, rows * lanes,
+                          length, BLOCK_=BLOCK)
     return slot, row, valid
-
-
-def transition_slots(start: torch.Tensor, seed: int, offset: int, batch: int, tries: int,
-                     oldest: int, live: int, next_step: bool):
-    """(slot [B], row [B], valid [B]) of transitions whose successor row is written."""
-    lanes = start.shape[1]
-    return _pick(start, seed, offset, batch, tries, (live - 1) * lanes, oldest, 1,
-                 windows=False, reject=next_step)
-
-
-def window_ends(start: torch.Tensor, seed: int, offset: int, batch: int, tries: int,
-                oldest: int, live: int, length: int):
-    """(end slot [B], end row [B], valid [B]) of admissible windows of ``length`` rows."""
-    lanes = start.shape[1]
-    return _pick(start, seed, offset, batch, tries, (live - length + 1) * lanes,
-                 oldest + length - 1, length, windows=True, reject=True)
 
 
 MASKS = ("valid", "is_first", "is_last", "terminated", "truncated", "next_valid", "use_final")
