@@ -102,8 +102,9 @@ class ReplayBuffer:
         self._specs: dict[str, LeafSpec] | None = None
         self._storage: dict[str, torch.Tensor] = {}
         self._flat: dict[str, torch.Tensor] = {}
-        self._final: dict[str, torch.Tensor] | None = None
-        self._final_flat: dict[str, torch.Tensor] = {}
+        self._final: dict[str, torch.Tensor] = {}
+        self._next_src: dict[str, torch.Tensor] = {}
+        self._finals_stored = False  # host flag: no side-table lookups until a final obs arrives
         self._episode_cum: torch.Tensor | None = None
         self._ix: EpisodeIndex | None = None
         self._rng: ops.Rng | None = None
@@ -249,10 +250,6 @@ class ReplayBuffer:
         # Validated: allocate (first add) and write.
         if self._specs is None:
             self._allocate(specs, device)
-        if finals is not None and self._final is None:
-            self._final = {k: torch.zeros((self._final_rows + 1, self._lanes, *specs[k].shape),
-                                          dtype=specs[k].dtype, device=device) for k in finals}
-            self._final_flat = {k: t.view(-1, *specs[k].shape) for k, t in self._final.items()}
         row = self._total % self._rows
         for p, v in flat.items():
             self._storage[p][row] = v
@@ -280,6 +277,7 @@ class ReplayBuffer:
             pos = self._ops.store_finals(self._ix, ended, end_row, self._final_rows)
             for k, v in finals.items():
                 self._final[k][pos, self._ix_lanes] = v.reshape(self._lanes, *specs[k].shape)
+            self._finals_stored = True
         self._total += 1
         self._episode_cum = None
 
@@ -326,8 +324,14 @@ class ReplayBuffer:
 
     def _allocate(self, specs: dict[str, LeafSpec], device: torch.device) -> None:
         rows, lanes = self._rows, self._lanes
-        storage = {p: torch.zeros((rows, lanes, *s.shape), dtype=s.dtype, device=device)
-                   for p, s in specs.items()}
+        next_leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
+        # Under same_step, each next leaf's final-obs side table (a ring of final_rows rows per
+        # lane, plus a scratch row) follows its ring in the same allocation, so one gather at one
+        # index reads the successor wherever it lives.
+        extra = 0 if self._next_step else self._final_rows + 1
+        whole = {p: torch.zeros(((rows + (extra if p in next_leaves else 0)) * lanes, *s.shape),
+                                dtype=s.dtype, device=device) for p, s in specs.items()}
+        storage = {p: t[:rows * lanes].view(rows, lanes, *specs[p].shape) for p, t in whole.items()}
         ix = EpisodeIndex.empty(rows, lanes, device)
         gen = torch.Generator(device=device)
         gen.manual_seed(self._seed)
@@ -337,7 +341,10 @@ class ReplayBuffer:
         self._ix = ix
         self._rng = ops.Rng(gen, self._seed)
         self._ix_lanes = torch.arange(lanes, device=device)
-        self._next_leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
+        self._next_leaves = next_leaves
+        self._next_src = {p: whole[p] for p in next_leaves}
+        if extra:
+            self._final = {p: whole[p][rows * lanes:].view(extra, lanes, *specs[p].shape) for p in next_leaves}
         batch = () if self._single else (lanes,)
         self._shapes = {p: torch.Size(batch + s.shape) for p, s in specs.items()}
         self._reward_tracked = self.reward_key in specs and math.prod(specs[self.reward_key].shape) == 1
@@ -350,7 +357,7 @@ class ReplayBuffer:
 
     def _gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every leaf at ``slots`` (any shape): ``[*slots.shape, *leaf_shape]``."""
-        entries = [(t, None, 0) for t in self._flat.values()]
+        entries = [(t, 0) for t in self._flat.values()]
         return dict(zip(self._flat, self._ops.gather(entries, (slots,))))
 
     def sample(self, batch_size: int) -> dict[str, Any]:
@@ -374,14 +381,11 @@ class ReplayBuffer:
         oldest = self.oldest_row
         tries = self.max_proposals if self._next_step else 1
         links = self._ops.sample_transitions(ix, self._rng, batch_size, tries, oldest, self.live_rows,
-                                             self._next_step, 0 if self._final is None else self._final_rows)
+                                             self._next_step, self._final_rows if self._finals_stored else 0)
         slot, valid = links["slot"], links["valid"]
         # One gather for the leaves and the next leaves (successor row, or side table at an end).
-        use_final = links["use_final"]
-        entries = [(t, None, 0) for t in self._flat.values()]
-        entries += [(self._flat[k], None if use_final is None else self._final_flat[k], 1)
-                    for k in self._next_leaves]
-        values = self._ops.gather(entries, (slot, links["succ"]), links.get("final"), use_final)
+        entries = [(t, 0) for t in self._flat.values()] + [(self._next_src[k], 1) for k in self._next_leaves]
+        values = self._ops.gather(entries, (slot, links["succ"]))
         out: dict[str, Any] = dict(zip(self._flat, values))
         nxt = dict(zip(self._next_leaves, values[len(self._flat):]))
         out = unflatten(out)

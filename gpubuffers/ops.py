@@ -93,9 +93,6 @@ class TritonOps:
         offset = rng.advance(batch * tries)
         out = self._sampling.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, rng.seed,
                                          offset, batch, tries, oldest, live, next_step, final_rows)
-        if next_step or final_rows == 0:
-            out["use_final"] = None
-            del out["final"]
         if not next_step:
             out["valid"] = None
         return out
@@ -104,15 +101,12 @@ class TritonOps:
         offset = rng.advance(batch * tries)
         return self._sampling.window_ends(ix.start, rng.seed, offset, batch, tries, oldest, live, length)
 
-    def gather(self, entries, slot_sets, alt_slot=None, use_alt=None):
-        key = tuple((s.data_ptr(), tuple(s.shape), s.dtype, None if a is None else a.data_ptr(), k)
-                    for s, a, k in entries)
+    def gather(self, entries, slot_sets):
+        key = tuple((s.data_ptr(), tuple(s.shape), s.dtype, k) for s, k in entries)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._gather.make_plan(list(entries))
         shape = slot_sets[0].shape
         sets = torch.stack([s.reshape(-1) for s in slot_sets])
-        if alt_slot is not None:
-            alt_slot, use_alt = alt_slot.reshape(-1), use_alt.reshape(-1)
-        out = self._gather.gather(plan, sets, alt_slot, use_alt)
+        out = self._gather.gather(plan, sets)
         return [o.view(*shape, *o.shape[1:]) for o in out]

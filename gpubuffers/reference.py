@@ -189,22 +189,24 @@ def transition_links(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, fi
                      next_step: bool) -> dict:
     """Successor and end-of-episode facts of transitions at ``slot`` [B] (absolute ``row`` [B]).
 
-    final_rows: rows per lane of the final-obs side table (0 when there is none).
-    Returns a dict of [B] tensors: ``succ`` (slot of the next row), ``is_first``, ``is_last``,
-    ``terminated``, ``truncated``, ``next_valid``, and ``final`` (the row of the flattened
-    side table ``[(final_rows + 1) * N]`` holding the next obs where ``use_final``) or None.
+    final_rows: rows per lane of the final-obs side table (0 when there is none). The side table
+    sits right after the T * N ring slots of each next leaf's source, so ``succ`` addresses one
+    extended source ``[(T + final_rows + 1) * N, ...]``: the next row's slot inside an episode,
+    the side-table row of the episode's final obs at its end.
+    Returns a dict of [B] tensors: ``succ``, ``is_first``, ``is_last``, ``terminated``,
+    ``truncated``, ``next_valid``.
     """
     rows, lanes = ix.start.shape
+    total = rows * lanes
     flags = take(ix.end_flags, slot)
     is_last = flags != 0
     truncated = (flags & TRUNCATED) != 0
+    succ = (slot + lanes) % total
     out = {
-        "succ": (slot + lanes) % (rows * lanes),
         "is_first": take(ix.start, slot) == row,
         "is_last": is_last,
         "terminated": is_last & ~truncated,
         "truncated": truncated,
-        "use_final": None,
     }
     if next_step:
         # The reset row after an episode's end holds its final observation.
@@ -215,9 +217,9 @@ def transition_links(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, fi
         lane = slot % lanes
         idx = take(ix.final_idx, slot)
         kept = ((flags & HAS_FINAL) != 0) & (ix.fin_head[lane] - idx <= final_rows)
-        out["use_final"] = is_last
-        out["final"] = (idx % final_rows) * lanes + lane
+        succ = torch.where(is_last, total + (idx % final_rows) * lanes + lane, succ)
         out["next_valid"] = ~is_last | kept
+    out["succ"] = succ
     return out
 
 
@@ -385,18 +387,11 @@ def sample_window_ends(ix: EpisodeIndex, rng, batch: int, tries: int, oldest: in
     return window_ends(ix, proposals, oldest, length)
 
 
-def gather(entries: list[tuple[torch.Tensor, torch.Tensor | None, int]], slot_sets: tuple[torch.Tensor, ...],
-           alt_slot: torch.Tensor | None = None, use_alt: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """Every entry ``(source [rows, *shape], alternative source or None, slot set)`` read at its
-    slot set (any index shape), from the alternative at ``alt_slot`` where ``use_alt``.
-    Returns one ``[*index_shape, *shape]`` tensor per entry."""
+def gather(entries: list[tuple[torch.Tensor, int]], slot_sets: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+    """Every entry ``(source [rows, *shape], slot set)`` read at its slot set (an index of any
+    shape). Returns one ``[*index_shape, *shape]`` tensor per entry."""
     out = []
-    for src, alt, which in entries:
+    for src, which in entries:
         index = slot_sets[which]
-        value = src.index_select(0, index.reshape(-1)).view(*index.shape, *src.shape[1:])
-        if alt is not None and alt_slot is not None:
-            other = alt.index_select(0, alt_slot.reshape(-1)).view(*index.shape, *src.shape[1:])
-            keep = use_alt.view(*use_alt.shape, *[1] * (src.dim() - 1))
-            value = torch.where(keep, other, value)
-        out.append(value)
+        out.append(src.index_select(0, index.reshape(-1)).view(*index.shape, *src.shape[1:]))
     return out

@@ -30,7 +30,7 @@ def _uniform_below(seed, counter, high_f):
 
 @triton.jit
 def _transitions_kernel(
-    slots_ptr, row_ptr, final_ptr, masks_ptr,      # outputs: [2, B] (slot, succ), [B], [B], [7, B]
+    slots_ptr, row_ptr, masks_ptr,                 # outputs: [2, B] (slot, succ), [B], [6, B]
     start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr,   # index
     seed, offset, batch, tries, high, base_row, lanes, total, final_rows,
     SENTINEL_: tl.constexpr, NEXT_STEP: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_: tl.constexpr,
@@ -61,8 +61,6 @@ def _transitions_kernel(
     is_last = flags != 0
     truncated = (flags & 2) != 0
     terminated = is_last & (truncated == 0)
-    final = tl.zeros([BLOCK_], tl.int64)
-    use_final = tl.zeros([BLOCK_], tl.int1)
     if NEXT_STEP:
         next_valid = tl.full([BLOCK_], 1, tl.int1)
     elif HAS_FINAL:
@@ -70,22 +68,19 @@ def _transitions_kernel(
         idx = tl.load(final_idx_ptr + slot, mask=mask, other=0)
         head = tl.load(fin_head_ptr + lane, mask=mask, other=0)
         kept = ((flags & 4) != 0) & (head - idx <= final_rows)
-        use_final = is_last
-        final = (idx % final_rows) * lanes + lane
+        succ = tl.where(is_last, total + (idx % final_rows) * lanes + lane, succ)
         next_valid = (is_last == 0) | kept
     else:
         next_valid = is_last == 0
     tl.store(slots_ptr + item, slot, mask=mask)
     tl.store(slots_ptr + batch + item, succ, mask=mask)
     tl.store(row_ptr + item, row, mask=mask)
-    tl.store(final_ptr + item, final, mask=mask)
     tl.store(masks_ptr + item, found.to(tl.int8), mask=mask)
     tl.store(masks_ptr + batch + item, is_first.to(tl.int8), mask=mask)
     tl.store(masks_ptr + 2 * batch + item, is_last.to(tl.int8), mask=mask)
     tl.store(masks_ptr + 3 * batch + item, terminated.to(tl.int8), mask=mask)
     tl.store(masks_ptr + 4 * batch + item, truncated.to(tl.int8), mask=mask)
     tl.store(masks_ptr + 5 * batch + item, next_valid.to(tl.int8), mask=mask)
-    tl.store(masks_ptr + 6 * batch + item, use_final.to(tl.int8), mask=mask)
 
 
 @triton.jit
@@ -134,7 +129,7 @@ def window_ends(start: torch.Tensor, seed: int, offset: int, batch: int, tries: 
     return slot, row, valid
 
 
-MASKS = ("valid", "is_first", "is_last", "terminated", "truncated", "next_valid", "use_final")
+MASKS = ("valid", "is_first", "is_last", "terminated", "truncated", "next_valid")
 
 
 def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.Tensor,
@@ -142,22 +137,21 @@ def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.T
                 live: int, next_step: bool, final_rows: int) -> dict:
     """Transitions whose successor row is written, and their links, in one launch.
 
-    Returns [B] ``slot``, ``row``, ``succ``, ``final`` (row of the flattened side table) and the
-    bool masks ``valid``, ``is_first``, ``is_last``, ``terminated``, ``truncated``,
-    ``next_valid``, ``use_final``; ``slots`` is the [2, B] (slot, succ) block they view.
+    Returns [B] ``slot``, ``row``, ``succ`` (into the extended next source, as
+    reference.transition_links) and the bool masks ``valid``, ``is_first``, ``is_last``,
+    ``terminated``, ``truncated``, ``next_valid``; ``slots`` is the [2, B] (slot, succ) block.
     """
     rows, lanes = start.shape
     device = start.device
     slots = torch.empty(2, batch, dtype=torch.int64, device=device)
     row = torch.empty(batch, dtype=torch.int64, device=device)
-    final = torch.empty(batch, dtype=torch.int64, device=device)
     masks = torch.empty(len(MASKS), batch, dtype=torch.bool, device=device)
     grid = (triton.cdiv(batch, BLOCK),)
     _transitions_kernel[grid](
-        slots, row, final, masks.view(torch.int8), start, end_flags, final_idx, fin_head,
+        slots, row, masks.view(torch.int8), start, end_flags, final_idx, fin_head,
         seed, offset, batch, tries, (live - 1) * lanes, oldest, lanes, rows * lanes, max(final_rows, 1),
         SENTINEL_=SENTINEL, NEXT_STEP=next_step, HAS_FINAL=final_rows > 0, BLOCK_=BLOCK,
     )
-    out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row, "final": final}
+    out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row}
     out.update(zip(MASKS, masks.unbind(0)))
     return out
