@@ -14,7 +14,6 @@ import torch
 import triton
 import triton.language as tl
 
-SENTINEL = 1 << 60
 BLOCK = 128
 
 
@@ -29,32 +28,42 @@ def _uniform_below(seed, counter, high_f):
 
 
 @triton.jit
+def _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row, lanes, total, length,
+                      BLOCK_: tl.constexpr):
+    """Per item: the first of ``tries`` proposals whose slot's episode began at or before
+    ``row - (length - 1)``, else proposal 0; returns (slot, row, found). With ``length=1`` this
+    rejects exactly the reset rows (their start is SENTINEL, larger than any row)."""
+    high_f = high.to(tl.float64)
+    base = base_row.to(tl.int64)
+    best_slot = tl.zeros([BLOCK_], tl.int64)
+    best_row = tl.zeros([BLOCK_], tl.int64)
+    found = tl.zeros([BLOCK_], tl.int1)
+    for m in range(tries):
+        k = _uniform_below(seed, offset + item.to(tl.int64) * tries + m, high_f)
+        slot = (k + base * lanes) % total
+        row = k // lanes + base
+        ok = tl.load(start_ptr + slot, mask=mask, other=0) <= row - (length - 1)
+        take = (ok & (found == 0)) | (m == 0)
+        best_slot = tl.where(take, slot, best_slot)
+        best_row = tl.where(take, row, best_row)
+        found = found | ok
+    return best_slot, best_row, found
+
+
+@triton.jit
 def _transitions_kernel(
     slots_ptr, row_ptr, masks_ptr,                 # outputs: [2, B] (slot, succ), [B], [6, B]
     start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr,   # index
     seed, offset, batch, tries, high, base_row, lanes, total, final_rows,
-    SENTINEL_: tl.constexpr, NEXT_STEP: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_: tl.constexpr,
+    NEXT_STEP: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_: tl.constexpr,
 ):
-    """Pick transitions (as _pick_kernel) and describe them (as reference.transition_links)."""
+    """Pick transitions (as reference.transition_slots) and describe them (as
+    reference.transition_links). Under same_step every live row below the newest is
+    admissible, and one proposal per item is drawn."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
-    high_f = high.to(tl.float64)
-    base = base_row.to(tl.int64)
-    slot = tl.zeros([BLOCK_], tl.int64)
-    row = tl.zeros([BLOCK_], tl.int64)
-    found = tl.zeros([BLOCK_], tl.int1)
-    for m in range(tries):
-        k = _uniform_below(seed, offset + item.to(tl.int64) * tries + m, high_f)
-        cand = (k + base * lanes) % total
-        cand_row = k // lanes + base
-        if NEXT_STEP:
-            ok = tl.load(start_ptr + cand, mask=mask, other=SENTINEL_) != SENTINEL_
-        else:
-            ok = tl.full([BLOCK_], 1, tl.int1)
-        take = (ok & (found == 0)) | (m == 0)
-        slot = tl.where(take, cand, slot)
-        row = tl.where(take, cand_row, row)
-        found = found | ok
+    slot, row, found = _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row,
+                                         lanes, total, 1, BLOCK_)
     succ = (slot + lanes) % total
     is_first = tl.load(start_ptr + slot, mask=mask, other=0) == row
     flags = tl.load(end_flags_ptr + slot, mask=mask, other=0).to(tl.int32)
@@ -93,21 +102,8 @@ def _windows_kernel(
     """Pick admissible window ends (as reference.window_ends)."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
-    high_f = high.to(tl.float64)
-    base = base_row.to(tl.int64)
-    best_slot = tl.zeros([BLOCK_], tl.int64)
-    best_row = tl.zeros([BLOCK_], tl.int64)
-    found = tl.zeros([BLOCK_], tl.int1)
-    for m in range(tries):
-        k = _uniform_below(seed, offset + item.to(tl.int64) * tries + m, high_f)
-        slot = (k + base * lanes) % total
-        row = k // lanes + base
-        first = tl.load(start_ptr + slot, mask=mask, other=0)
-        ok = first <= row - (length - 1)
-        take = (ok & (found == 0)) | (m == 0)
-        best_slot = tl.where(take, slot, best_slot)
-        best_row = tl.where(take, row, best_row)
-        found = found | ok
+    best_slot, best_row, found = _first_admissible(start_ptr, seed, offset, item, mask, tries, high,
+                                                   base_row, lanes, total, length, BLOCK_)
     tl.store(slot_ptr + item, best_slot, mask=mask)
     tl.store(row_ptr + item, best_row, mask=mask)
     tl.store(valid_ptr + item, found.to(tl.int8), mask=mask)
@@ -150,7 +146,7 @@ def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.T
     _transitions_kernel[grid](
         slots, row, masks.view(torch.int8), start, end_flags, final_idx, fin_head,
         seed, offset, batch, tries, (live - 1) * lanes, oldest, lanes, rows * lanes, max(final_rows, 1),
-        SENTINEL_=SENTINEL, NEXT_STEP=next_step, HAS_FINAL=final_rows > 0, BLOCK_=BLOCK,
+        NEXT_STEP=next_step, HAS_FINAL=final_rows > 0, BLOCK_=BLOCK,
     )
     out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row}
     out.update(zip(MASKS, masks.unbind(0)))
