@@ -224,7 +224,7 @@ class ReplayBuffer:
         if device is None:
             device = next((v.device for v in flat.values() if isinstance(v, torch.Tensor)),
                           torch.device("cpu"))
-        specs = self._specs if self._specs is not None else None
+        specs = self._specs
         for p, v in flat.items():
             if type(v) is not torch.Tensor:
                 flat[p] = as_tensor(v, f"step['{p}']", device)
@@ -377,8 +377,7 @@ class ReplayBuffer:
         if self._total < 2:
             raise ValueError(f"sample: needs at least 2 adds (a transition is complete once the "
                              f"next row is written), the buffer has {self._total}")
-        ix, lanes = self._ix, self._lanes
-        oldest = self.oldest_row
+        ix, oldest = self._ix, self.oldest_row
         tries = self.max_proposals if self._next_step else 1
         links = self._ops.sample_transitions(ix, self._rng, batch_size, tries, oldest, self.live_rows,
                                              self._next_step, self._final_rows if self._finals_stored else 0)

@@ -211,8 +211,15 @@ def test_missing_final_obs_marks_successor_unknown():
 def test_sequences_flags_and_padding_helper():
     buf, lanes = random_run(adds=70, marks="last")
     q = buf.sample_sequences(200, 3)
-    first = q["info"]["row"] == 0
-    assert torch.equal(q["is_first"][:, 1:], torch.zeros_like(q["is_first"][:, 1:]))
+    assert q["valid"].all()
+    firsts = {(n, f) for n, lane in enumerate(lanes) for f, _, _ in lane.episodes}
+    lasts = {(n, la) for n, lane in enumerate(lanes) for _, la, _ in lane.episodes}
+    lane_ids, rows = q["info"]["lane"].tolist(), q["info"]["row"].tolist()
+    want_first = torch.tensor([[(ln[j], r[j]) in firsts for j in range(3)] for ln, r in zip(lane_ids, rows)])
+    want_last = torch.tensor([[(ln[j], r[j]) in lasts for j in range(3)] for ln, r in zip(lane_ids, rows)])
+    assert torch.equal(q["is_first"], want_first) and torch.equal(q["is_last"], want_last)
+    assert want_first[:, 0].any() and want_last[:, -1].any()  # both flags drawn
+    assert not want_first[:, 1:].any()  # a window never spans an episode start
     e = buf.sample_episodes(6)
     p = pad_episodes(e)
     cu = e["cu_seqlens"]

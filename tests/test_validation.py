@@ -21,11 +21,12 @@ def snapshot(buf):
     tensors = {} if ix is None else {k: v.clone() for k, v in vars(ix).items() if isinstance(v, torch.Tensor)}
     tensors.update({f"storage/{k}": v.clone() for k, v in buf.storage.items()})
     gen = None if buf._rng is None else buf._rng.generator.get_state().clone()
-    return buf.num_adds, buf.device, copy.copy(buf.specs), tensors, gen
+    offset = None if buf._rng is None else buf._rng.offset
+    return buf.num_adds, buf.device, copy.copy(buf.specs), tensors, gen, offset
 
 
 def assert_same(before, after):
-    assert before[:3] == after[:3]
+    assert before[:3] == after[:3] and before[5] == after[5]
     assert before[3].keys() == after[3].keys()
     for k in before[3]:
         assert torch.equal(before[3][k], after[3][k]), k
