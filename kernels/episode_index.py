@@ -15,7 +15,7 @@ SENTINEL = 1 << 60
 BLOCK = 1024
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["row", "prev", "abs_row", "lanes"])
 def _add_step_kernel(
     start_ptr, end_flags_ptr, ret_ptr, ended_ptr,          # outputs (index updated in place)
     done_ptr, flags_ptr, reward_ptr,                        # inputs
@@ -26,7 +26,7 @@ def _add_step_kernel(
 ):
     lane = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = lane < lanes
-    here = row.to(tl.int64) * lanes + lane
+    here = (tl.zeros([], tl.int64) + row) * lanes + lane
     done = tl.load(done_ptr + lane, mask=mask, other=0) != 0
     if HAS_FLAGS:
         flags = tl.load(flags_ptr + lane, mask=mask, other=0)
@@ -42,7 +42,7 @@ def _add_step_kernel(
         start = tl.zeros([BLOCK_], tl.int64)
         ret = reward
     else:
-        there = prev.to(tl.int64) * lanes + lane
+        there = (tl.zeros([], tl.int64) + prev) * lanes + lane
         prev_start = tl.load(start_ptr + there, mask=mask, other=0)
         prev_ret = tl.load(ret_ptr + there, mask=mask, other=0.0)
         if MARKS_LAST:
@@ -61,7 +61,7 @@ def _add_step_kernel(
                 ended = done
                 starts = done
             tl.store(end_flags_ptr + there, tl.where(ended, flags, 0).to(tl.uint8), mask=mask)
-        start = tl.where(starts, abs_row.to(tl.int64), prev_start)
+        start = tl.where(starts, tl.zeros([], tl.int64) + abs_row, prev_start)
         ret = tl.where(starts, reward, prev_ret + reward)
         start = tl.where(is_reset, SENTINEL_, start)
         ret = tl.where(is_reset, 0.0, ret)

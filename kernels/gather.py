@@ -22,7 +22,7 @@ BLOCK_WORDS = 64
 _WORDS = {8: tl.int64, 4: tl.int32, 2: tl.int16, 1: tl.int8}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_items"])
 def _gather_kernel(
     dst_base,                                                   # output block address (bytes)
     src_tab, words_tab, dst_tab, set_tab,                       # per-entry tables [E]

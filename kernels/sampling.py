@@ -33,8 +33,8 @@ def _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row
     """Per item: the first of ``tries`` proposals whose slot's episode began at or before
     ``row - (length - 1)``, else proposal 0; returns (slot, row, found). With ``length=1`` this
     rejects exactly the reset rows (their start is SENTINEL, larger than any row)."""
-    high_f = high.to(tl.float64)
-    base = base_row.to(tl.int64)
+    high_f = tl.zeros([], tl.float64) + high
+    base = tl.zeros([], tl.int64) + base_row
     best_slot = tl.zeros([BLOCK_], tl.int64)
     best_row = tl.zeros([BLOCK_], tl.int64)
     found = tl.zeros([BLOCK_], tl.int1)
@@ -50,7 +50,8 @@ def _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row
     return best_slot, best_row, found
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset", "batch", "tries", "high", "base_row", "lanes",
+                                "total", "final_rows"])
 def _transitions_kernel(
     slots_ptr, row_ptr, masks_ptr,                 # outputs: [2, B] (slot, succ), [B], [6, B]
     start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr,   # index
@@ -92,7 +93,8 @@ def _transitions_kernel(
     tl.store(masks_ptr + 5 * batch + item, next_valid.to(tl.int8), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "offset", "batch", "tries", "high", "base_row", "lanes",
+                                "total", "length"])
 def _windows_kernel(
     slot_ptr, row_ptr, valid_ptr,                  # outputs [B]
     start_ptr,                                     # index: start [T * N]

@@ -1,0 +1,92 @@
+"""Compile every Triton kernel ahead of time for real GPU targets, without a GPU.
+
+Run in a process without TRITON_INTERPRET (the interpreter replaces jitted functions). Each
+kernel is compiled for every constexpr branch, once with its integer arguments as runtime
+scalars and once with them specialized to 1 (as Triton's launcher may do), down to cubin
+with the ptxas that ships with triton. Prints one line per variant: ``OK name`` or
+``FAIL name: error``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+
+assert "TRITON_INTERPRET" not in os.environ, "run without TRITON_INTERPRET"
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from gpubuffers.kernels import episode_index, gather, sampling  # noqa: E402
+
+TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
+
+
+def variants(pointers, ints, flags, fixed):
+    """(signature, constexprs) for every flag combination, ints as scalars and as constexpr 1."""
+    for values in itertools.product((False, True), repeat=len(flags)):
+        for ones in (False, True):
+            sig = dict(pointers)
+            consts = dict(fixed)
+            for name, kind in ints.items():
+                sig[name] = "constexpr" if ones else kind
+                if ones:
+                    consts[name] = 1
+            for name, value in zip(flags, values):
+                sig[name] = "constexpr"
+                consts[name] = value
+            for name in fixed:
+                sig[name] = "constexpr"
+            yield f"{dict(zip(flags, values))} ones={ones}", sig, consts
+
+
+KERNELS = [
+    ("add_step", episode_index._add_step_kernel,
+     {"start_ptr": "*i64", "end_flags_ptr": "*u8", "ret_ptr": "*fp32", "ended_ptr": "*i8",
+      "done_ptr": "*i8", "flags_ptr": "*u8", "reward_ptr": "*fp32"},
+     {"row": "i32", "prev": "i32", "abs_row": "i64", "lanes": "i32"},
+     ["MARKS_LAST", "NEXT_STEP", "FIRST_ROW", "HAS_FLAGS", "HAS_REWARD"],
+     {"SENTINEL_": episode_index.SENTINEL, "BLOCK_": episode_index.BLOCK}),
+    ("transitions", sampling._transitions_kernel,
+     {"slots_ptr": "*i64", "row_ptr": "*i64", "masks_ptr": "*i8", "start_ptr": "*i64",
+      "end_flags_ptr": "*u8", "final_idx_ptr": "*i64", "fin_head_ptr": "*i64"},
+     {"seed": "i64", "offset": "i64", "batch": "i32", "tries": "i32", "high": "i64", "base_row": "i64",
+      "lanes": "i32", "total": "i64", "final_rows": "i32"},
+     ["NEXT_STEP", "HAS_FINAL"], {"BLOCK_": sampling.BLOCK}),
+    ("windows", sampling._windows_kernel,
+     {"slot_ptr": "*i64", "row_ptr": "*i64", "valid_ptr": "*i8", "start_ptr": "*i64"},
+     {"seed": "i64", "offset": "i64", "batch": "i32", "tries": "i32", "high": "i64", "base_row": "i64",
+      "lanes": "i32", "total": "i64", "length": "i32"},
+     [], {"BLOCK_": sampling.BLOCK}),
+] + [
+    (f"gather word={size}", gather._gather_kernel,
+     {"dst_base": "i64", "src_tab": "*i64", "words_tab": "*i64", "dst_tab": "*i64", "set_tab": "*i64",
+      "slots_ptr": "*i64"},
+     {"n_items": "i32"}, [],
+     {"WORD": word, "WORD_BYTES": size, "BI": gather.BLOCK_ITEMS, "BW": gather.BLOCK_WORDS})
+    for size, word in ((8, tl.int64), (4, tl.int32), (2, tl.int16), (1, tl.int8))
+]
+
+
+def main() -> int:
+    failed = 0
+    for target in TARGETS:
+        for name, fn, pointers, ints, flags, fixed in KERNELS:
+            for label, sig, consts in variants(pointers, ints, flags, fixed):
+                # Keep the kernel's own argument order.
+                order = list(fn.arg_names)
+                sig = {k: sig[k] for k in order}
+                try:
+                    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+                    print(f"OK {name} sm_{target.arch} {label}")
+                except Exception as e:  # report every failure, not only the first
+                    failed += 1
+                    print(f"FAIL {name} sm_{target.arch} {label}: {type(e).__name__}: {str(e)[:400]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
