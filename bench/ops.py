@@ -1,0 +1,100 @@
+"""``python -m bench.ops [--device DEV]``: each hot op alone, in GB/s of the bytes it must move,
+for the pure-torch reference and (on CUDA) the Triton kernels, beside the plain-torch ring's
+nearest equivalent, all in one run. On a CPU only the reference and the plain ring run.
+
+Ops (N = 4096 lanes, capacity 2^20, obs float32[64], action float32[12], reward float32):
+  add_step     the episode index update of one add (reads done, reward and the previous row;
+               writes one row of start, end flags, returns)
+  transitions  picking 4096 transitions with their links (reads start and end flags per item)
+  windows      picking 256 window ends of 32 rows (32 proposals per item)
+  gather       every leaf plus the next obs of 4096 transitions
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from gpubuffers import ReplayBuffer
+
+from .__main__ import device_name
+from .core import make_steps
+from .timing import interleaved
+
+LANES, CAPACITY = 4096, 1 << 20
+
+
+def filled(device: torch.device, backend: str) -> ReplayBuffer:
+    steps = make_steps(LANES, device)
+    buf = ReplayBuffer(CAPACITY, LANES, device=device, done_marks="last", seed=0, backend=backend)
+    for i in range(CAPACITY // LANES + 3):
+        s = steps[i % 8]
+        buf.add({k: v for k, v in s.items() if k != "done"}, s["done"], final_obs=steps[(i + 1) % 8]["obs"])
+    return buf
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.ops", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default=None)
+    p.add_argument("--repeats", type=int, default=20)
+    args = p.parse_args()
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+    bufs = {b: filled(device, b) for b in backends}
+    steps = make_steps(LANES, device)
+    done, reward = steps[0]["done"], steps[0]["reward"]
+    n = LANES
+    moved = {
+        "add_step": n * (1 + 4 + 8 + 1 + 4) + n * (8 + 1 + 4),
+        "transitions": 4096 * (8 + 1 + 8 + 8 + 8 + 6),
+        "windows": 256 * 32 * 8 + 256 * 3 * 8,
+        "gather": 4096 * (64 + 12 + 1 + 64) * 4,
+    }
+    rows = []
+    for op in moved:
+        fns = {}
+        for b, buf in bufs.items():
+            ops, ix = buf._ops, buf.index
+            if op == "add_step":
+                counter = iter(range(10**9))
+                fns[b] = (lambda ops=ops, ix=ix, c=counter, total=buf.num_adds:
+                          ops.add_step(ix, done, None, reward, total + next(c), True, False))
+            elif op == "transitions":
+                fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_transitions(
+                    ix, buf._rng, 4096, 1, buf.oldest_row, buf.live_rows, False, buf._final_rows))
+            elif op == "windows":
+                fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_window_ends(
+                    ix, buf._rng, 256, 32, buf.oldest_row, buf.live_rows, 32))
+            else:
+                # Fresh random slots on every call, as sampling produces (a fixed index would
+                # time a cache-hot gather).
+                entries = [(t, 0) for t in buf._flat.values()] + [(buf._next_src["obs"], 1)]
+
+                def gather_fresh(ops=ops, e=entries):
+                    slot = torch.randint(0, CAPACITY, (4096,), device=device)
+                    return ops.gather(e, (slot, (slot + LANES) % CAPACITY))
+                fns[b] = gather_fresh
+        plain = bufs["torch"]
+        if op == "add_step":
+            fns["plain ring (copy of done)"] = (lambda t=plain.index.end_flags[0]: t.copy_(done))
+        elif op == "gather":
+            flat = list(plain._flat.values())
+
+            def plain_gather():
+                idx = torch.randint(0, CAPACITY, (4096,), device=device)
+                return [t.index_select(0, idx) for t in flat]
+            fns["plain ring (index_select, no next)"] = plain_gather
+        t = interleaved(fns, device, repeats=args.repeats, inner=5)
+        for name, timing in t.items():
+            rows.append((op, name, moved[op] / timing.median_s / 1e9, timing.median_s / t[backends[0]].median_s))
+    print(f"## Hot ops on {device_name(device)}\n")
+    print("| op | provider | GB/s | time vs reference |\n|---|---|---|---|")
+    for op, name, gbps, ratio in rows:
+        label = {"torch": "reference (torch)", "triton": "Triton kernel"}.get(name, name)
+        print(f"| {op} | {label} | {gbps:.2f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
