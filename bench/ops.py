@@ -6,7 +6,8 @@ Ops (N = 4096 lanes, capacity 2^20, obs float32[64], action float32[12], reward 
   add_step     the episode index update of one add (reads done, reward and the previous row;
                writes one row of start, end flags, returns)
   transitions  picking 4096 transitions with their links (reads start and end flags per item)
-  windows      picking 256 window ends of 32 rows (32 proposals per item)
+  windows      picking 256 windows of 32 rows (32 proposals per item) and laying out their
+               slots and flags
   gather       every leaf plus the next obs of 4096 transitions
 """
 
@@ -49,7 +50,7 @@ def main() -> None:
     moved = {
         "add_step": n * (1 + 4 + 8 + 1 + 4) + n * (8 + 1 + 4),
         "transitions": 4096 * (8 + 1 + 8 + 8 + 8 + 6),
-        "windows": 256 * 32 * 8 + 256 * 3 * 8,
+        "windows": 256 * 32 * 8 + 256 * 32 * (8 + 8 + 1 + 2),
         "gather": 4096 * (64 + 12 + 1 + 64) * 4,
     }
     rows = []
@@ -65,7 +66,7 @@ def main() -> None:
                 fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_transitions(
                     ix, buf._rng, 4096, 1, buf.oldest_row, buf.live_rows, False, buf._final_rows))
             elif op == "windows":
-                fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_window_ends(
+                fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_windows(
                     ix, buf._rng, 256, 32, buf.oldest_row, buf.live_rows, 32))
             else:
                 # Fresh random slots on every call, as sampling produces (a fixed index would

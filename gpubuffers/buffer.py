@@ -413,16 +413,13 @@ class ReplayBuffer:
         if self._total < length:
             raise ValueError(f"length: no window of {length} rows fits in the {self.live_rows} "
                              f"live rows; add more steps first")
-        ix, lanes, rows = self._ix, self._lanes, self._rows
-        end_slot, end_row, valid = self._ops.sample_window_ends(ix, self._rng, batch_size, self.max_proposals,
-                                                                self.oldest_row, self.live_rows, length)
-        slots = self._ops.window_slots(end_slot, length, rows, lanes)
-        out: dict[str, Any] = unflatten(self._gather(slots))
-        window_rows = end_row[:, None] - torch.arange(length - 1, -1, -1, device=self._device)
-        out["is_first"] = take(ix.start, slots) == window_rows
-        out["is_last"] = take(ix.end_flags, slots) != 0
-        out["valid"] = valid
-        out["index"] = slots
+        win = self._ops.sample_windows(self._ix, self._rng, batch_size, self.max_proposals,
+                                       self.oldest_row, self.live_rows, length)
+        out: dict[str, Any] = unflatten(self._gather(win["slots"]))
+        out["is_first"] = win["is_first"]
+        out["is_last"] = win["is_last"]
+        out["valid"] = win["valid"]
+        out["index"] = win["slots"]
         return out
 
     def sample_episodes(self, batch_size: int, max_rows: int | None = None) -> dict[str, Any]:

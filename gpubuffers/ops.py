@@ -97,9 +97,10 @@ class TritonOps:
             out["valid"] = None
         return out
 
-    def sample_window_ends(self, ix, rng: Rng, batch, tries, oldest, live, length):
+    def sample_windows(self, ix, rng: Rng, batch, tries, oldest, live, length):
         offset = rng.advance(batch * tries)
-        return self._sampling.window_ends(ix.start, rng.seed, offset, batch, tries, oldest, live, length)
+        return self._sampling.windows(ix.start, ix.end_flags, rng.seed, offset, batch, tries, oldest,
+                                      live, length)
 
     def gather(self, entries, slot_sets):
         key = tuple((s.data_ptr(), tuple(s.shape), s.dtype, k) for s, k in entries)

@@ -379,12 +379,23 @@ def sample_transitions(ix: EpisodeIndex, rng, batch: int, tries: int, oldest: in
     return transitions(ix, proposals, oldest, next_step, final_rows)
 
 
-def sample_window_ends(ix: EpisodeIndex, rng, batch: int, tries: int, oldest: int, live: int,
-                       length: int):
-    """(end slot [B], end row [B], valid [B]): uniform admissible windows of ``length`` rows."""
+def windows(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int, length: int) -> dict:
+    """Pick windows from [B, M] proposals (see :func:`window_ends`) and lay them out:
+    ``slots``, ``is_first``, ``is_last`` [B, L] and ``valid`` [B]."""
+    rows, lanes = ix.start.shape
+    end_slot, end_row, valid = window_ends(ix, proposals, oldest, length)
+    slots = window_slots(end_slot, length, rows, lanes)
+    window_rows = end_row[:, None] - torch.arange(length - 1, -1, -1, device=end_slot.device)
+    return {"slots": slots, "is_first": take(ix.start, slots) == window_rows,
+            "is_last": take(ix.end_flags, slots) != 0, "valid": valid}
+
+
+def sample_windows(ix: EpisodeIndex, rng, batch: int, tries: int, oldest: int, live: int,
+                   length: int) -> dict:
+    """Uniform admissible windows of ``length`` rows, drawn from the buffer's generator."""
     proposals = torch.randint(0, (live - length + 1) * ix.lanes, (batch, tries),
                               generator=rng.generator, device=ix.start.device)
-    return window_ends(ix, proposals, oldest, length)
+    return windows(ix, proposals, oldest, length)
 
 
 def gather(entries: list[tuple[torch.Tensor, int]], slot_sets: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

@@ -3,7 +3,7 @@
 Each item draws up to ``tries`` uniform proposals from Triton's Philox stream at counters
 ``offset + item * tries + try`` (the host advances ``offset``; nothing is read back), keeps the
 first one accepted, else proposal 0 with ``valid=False``. Mirrors
-:func:`gpubuffers.reference.transitions` and :func:`gpubuffers.reference.window_ends` fed with
+:func:`gpubuffers.reference.transitions` and :func:`gpubuffers.reference.windows` fed with
 :func:`gpubuffers.reference.philox_below` draws. Cost per item is O(tries), independent of
 capacity.
 """
@@ -96,35 +96,46 @@ def _transitions_kernel(
 @triton.jit(do_not_specialize=["seed", "offset", "batch", "tries", "high", "base_row", "lanes",
                                 "total", "length"])
 def _windows_kernel(
-    slot_ptr, row_ptr, valid_ptr,                  # outputs [B]
-    start_ptr,                                     # index: start [T * N]
+    slots_ptr, first_ptr, last_ptr, valid_ptr,     # outputs: [B, L] slots, [B, L] is_first/is_last, [B]
+    start_ptr, end_flags_ptr,                      # index
     seed, offset, batch, tries, high, base_row, lanes, total, length,
     BLOCK_: tl.constexpr,
 ):
-    """Pick admissible window ends (as reference.window_ends)."""
+    """Pick admissible windows (as reference.window_ends) and lay out their slots and flags
+    (as reference.windows)."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
-    best_slot, best_row, found = _first_admissible(start_ptr, seed, offset, item, mask, tries, high,
-                                                   base_row, lanes, total, length, BLOCK_)
-    tl.store(slot_ptr + item, best_slot, mask=mask)
-    tl.store(row_ptr + item, best_row, mask=mask)
+    end_slot, end_row, found = _first_admissible(start_ptr, seed, offset, item, mask, tries, high,
+                                                 base_row, lanes, total, length, BLOCK_)
     tl.store(valid_ptr + item, found.to(tl.int8), mask=mask)
+    out = item.to(tl.int64) * length
+    for j in range(length):
+        back = tl.zeros([], tl.int64) + (length - 1 - j)  # int64: back * lanes may pass 2**31
+        slot = (end_slot - back * lanes + total) % total
+        first = tl.load(start_ptr + slot, mask=mask, other=0) == end_row - back
+        last = tl.load(end_flags_ptr + slot, mask=mask, other=0) != 0
+        tl.store(slots_ptr + out + j, slot, mask=mask)
+        tl.store(first_ptr + out + j, first.to(tl.int8), mask=mask)
+        tl.store(last_ptr + out + j, last.to(tl.int8), mask=mask)
 
 
-def window_ends(start: torch.Tensor, seed: int, offset: int, batch: int, tries: int,
-                oldest: int, live: int, length: int):
-    """(end slot [B], end row [B], valid [B]) of admissible windows of ``length`` rows."""
+def windows(start: torch.Tensor, end_flags: torch.Tensor, seed: int, offset: int, batch: int, tries: int,
+            oldest: int, live: int, length: int) -> dict:
+    """Admissible windows of ``length`` rows: ``slots``, ``is_first``, ``is_last`` [B, L] and
+    ``valid`` [B], in one launch."""
     rows, lanes = start.shape
     if start.dtype != torch.int64 or not start.is_contiguous():
         raise ValueError("start: expected a contiguous int64 tensor [T, N]")
-    slot = torch.empty(batch, dtype=torch.int64, device=start.device)
-    row = torch.empty(batch, dtype=torch.int64, device=start.device)
-    valid = torch.empty(batch, dtype=torch.bool, device=start.device)
+    device = start.device
+    slots = torch.empty(batch, length, dtype=torch.int64, device=device)
+    first = torch.empty(batch, length, dtype=torch.bool, device=device)
+    last = torch.empty(batch, length, dtype=torch.bool, device=device)
+    valid = torch.empty(batch, dtype=torch.bool, device=device)
     grid = (triton.cdiv(batch, BLOCK),)
-    _windows_kernel[grid](slot, row, valid.view(torch.int8), start, seed, offset, batch, tries,
-                          (live - length + 1) * lanes, oldest + length - 1, lanes, rows * lanes,
-                          length, BLOCK_=BLOCK)
-    return slot, row, valid
+    _windows_kernel[grid](slots, first.view(torch.int8), last.view(torch.int8), valid.view(torch.int8),
+                          start, end_flags, seed, offset, batch, tries, (live - length + 1) * lanes,
+                          oldest + length - 1, lanes, rows * lanes, length, BLOCK_=BLOCK)
+    return {"slots": slots, "is_first": first, "is_last": last, "valid": valid}
 
 
 MASKS = ("valid", "is_first", "is_last", "terminated", "truncated", "next_valid")

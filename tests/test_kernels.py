@@ -139,12 +139,12 @@ def test_window_sampler_matches_reference(lanes, marks_last, next_step, length, 
     live, oldest = rows, adds - rows
     batch, tries, seed, offset = 200, 16, 99, 12345678901
     proposals = ref.philox_below(seed, offset, (batch, tries), (live - length + 1) * lanes, ix.start.device)
-    want = ref.window_ends(ix, proposals, oldest, length)
-    got = sampling.window_ends(ix.start, seed, offset, batch, tries, oldest, live, length)
-    for g, w, name in zip(got, want, ("end slot", "end row", "valid")):
-        assert_same(g, w, name)
-    if pattern == "all" and not next_step:
-        assert (length == 1) == bool(want[2].all()) and (length > 1) == (not want[2].any())
+    want = ref.windows(ix, proposals, oldest, length)
+    got = sampling.windows(ix.start, ix.end_flags, seed, offset, batch, tries, oldest, live, length)
+    for key in ("slots", "is_first", "is_last", "valid"):
+        assert_same(got[key], want[key], key)
+    if pattern == "all" and not next_step:  # one-step episodes: only single-row windows exist
+        assert (length == 1) == bool(want["valid"].all()) and (length > 1) == (not want["valid"].any())
 
 
 def test_philox_reference_matches_triton_stream():
