@@ -445,9 +445,7 @@ class ReplayBuffer:
         if self._total == 0:
             raise ValueError("sample_episodes: the buffer is empty; add steps first")
         ix = self._ix
-        uniforms = torch.rand(batch_size, dtype=torch.float64, generator=self._rng.generator,
-                              device=self._device)
-        end_slot, valid = self._ops.episode_choice(self._episode_cumsum(), uniforms)
+        end_slot, valid = self._ops.sample_episode_ends(self._episode_cumsum(), self._rng, batch_size)
         packed = self._ops.pack_episodes(ix, end_slot, valid, self.oldest_row, max_rows)
         out: dict[str, Any] = unflatten(self._gather(packed["slot"]))
         flags = take(ix.end_flags, end_slot)

@@ -111,3 +111,6 @@ class TritonOps:
         sets = torch.stack([s.reshape(-1) for s in slot_sets])
         out = self._gather.gather(plan, sets)
         return [o.view(*shape, *o.shape[1:]) for o in out]
+
+    def sample_episode_ends(self, cum, rng: Rng, batch):
+        return self._sampling.episode_ends(cum, rng.seed, rng.advance(batch), batch)

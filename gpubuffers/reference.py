@@ -264,16 +264,23 @@ def whole_episode_ends(ix: EpisodeIndex, oldest: int, live: int) -> torch.Tensor
     return ((ix.end_flags != 0) & (age < live) & (ix.start >= oldest)).view(-1)
 
 
-def episode_choice(cum: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw end slots uniformly from the eligible slots.
+def episode_choice(cum: torch.Tensor, draws: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """End slots of the eligible episodes ranked ``draws``.
 
     cum: [T * N] int64 inclusive cumulative count of eligible end slots.
-    uniforms: [B] float64 in [0, 1). Returns (end slot [B], valid [B]; False when none is eligible).
+    draws: [B] int64 uniform in ``[0, count)`` (``count = cum[-1]``, clamped into it).
+    Returns (end slot [B], valid [B]; False when none is eligible).
     """
     count = cum[-1]
-    r = (uniforms * count).long().clamp_max_(count - 1).clamp_min_(0)
+    r = draws.clamp_max(count - 1).clamp_min_(0)
     slot = torch.searchsorted(cum, r, right=True)
-    return slot.clamp_max_(cum.shape[0] - 1), (count > 0).expand(uniforms.shape[0])
+    return slot.clamp_max_(cum.shape[0] - 1), (count > 0).expand(draws.shape[0])
+
+
+def sample_episode_ends(cum: torch.Tensor, rng, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(end slot [B], valid [B]) of eligible episodes, uniform, drawn from the buffer's generator."""
+    uniforms = torch.rand(batch, dtype=torch.float64, generator=rng.generator, device=cum.device)
+    return episode_choice(cum, (uniforms * cum[-1]).long())
 
 
 def pack_episodes(ix: EpisodeIndex, end_slot: torch.Tensor, valid: torch.Tensor, oldest: int,

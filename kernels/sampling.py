@@ -1,11 +1,12 @@
-"""Index sampling with in-kernel randomness: transitions (with their links) and windows.
+"""Index sampling with in-kernel randomness: transitions (with their links), windows, episodes.
 
 Each item draws up to ``tries`` uniform proposals from Triton's Philox stream at counters
 ``offset + item * tries + try`` (the host advances ``offset``; nothing is read back), keeps the
 first one accepted, else proposal 0 with ``valid=False``. Mirrors
-:func:`gpubuffers.reference.transitions` and :func:`gpubuffers.reference.windows` fed with
-:func:`gpubuffers.reference.philox_below` draws. Cost per item is O(tries), independent of
-capacity.
+:func:`gpubuffers.reference.transitions`, :func:`gpubuffers.reference.windows` and
+:func:`gpubuffers.reference.episode_choice` fed with :func:`gpubuffers.reference.philox_below`
+draws. Cost per item is O(tries) for transitions and windows, independent of capacity, and
+O(log capacity) for episodes.
 """
 
 from __future__ import annotations
@@ -164,3 +165,42 @@ def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.T
     out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row}
     out.update(zip(MASKS, masks.unbind(0)))
     return out
+
+
+@triton.jit(do_not_specialize=["seed", "offset", "batch", "size", "steps"])
+def _episodes_kernel(
+    slot_ptr, valid_ptr,                           # outputs [B]
+    cum_ptr,                                       # [C] inclusive count of eligible end slots
+    seed, offset, batch, size, steps,
+    BLOCK_: tl.constexpr,
+):
+    """Rank-r eligible end slot for a uniform r, by binary search (as reference.episode_choice
+    fed with philox_below draws)."""
+    item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
+    mask = item < batch
+    count = tl.load(cum_ptr + size - 1)
+    r = _uniform_below(seed, offset + item.to(tl.int64), tl.zeros([], tl.float64) + count)
+    r = tl.maximum(tl.minimum(r, count - 1), 0)
+    lo = tl.zeros([BLOCK_], tl.int64)
+    hi = tl.zeros([BLOCK_], tl.int64) + size
+    for _ in range(steps):  # first index whose count exceeds r
+        open_ = lo < hi
+        mid = (lo + hi) // 2
+        right = tl.load(cum_ptr + mid, mask=mask & open_, other=0) <= r
+        lo = tl.where(open_ & right, mid + 1, lo)
+        hi = tl.where(open_ & (right == 0), mid, hi)
+    tl.store(slot_ptr + item, tl.minimum(lo, size - 1), mask=mask)
+    tl.store(valid_ptr + item, (tl.zeros([BLOCK_], tl.int64) + count > 0).to(tl.int8), mask=mask)
+
+
+def episode_ends(cum: torch.Tensor, seed: int, offset: int, batch: int):
+    """(end slot [B], valid [B]) of eligible episodes drawn uniformly, in O(log C) per item."""
+    if cum.dtype != torch.int64 or cum.dim() != 1 or not cum.is_contiguous():
+        raise ValueError("cum: expected a contiguous 1-d int64 tensor")
+    size = cum.shape[0]
+    slot = torch.empty(batch, dtype=torch.int64, device=cum.device)
+    valid = torch.empty(batch, dtype=torch.bool, device=cum.device)
+    grid = (triton.cdiv(batch, BLOCK),)
+    _episodes_kernel[grid](slot, valid.view(torch.int8), cum, seed, offset, batch, size,
+                           max(1, size.bit_length()), BLOCK_=BLOCK)
+    return slot, valid

@@ -62,6 +62,10 @@ KERNELS = [
      {"seed": "i64", "offset": "i64", "batch": "i32", "tries": "i32", "high": "i64", "base_row": "i64",
       "lanes": "i32", "total": "i64", "length": "i32"},
      [], {"BLOCK_": sampling.BLOCK}),
+    ("episodes", sampling._episodes_kernel,
+     {"slot_ptr": "*i64", "valid_ptr": "*i8", "cum_ptr": "*i64"},
+     {"seed": "i64", "offset": "i64", "batch": "i32", "size": "i64", "steps": "i32"},
+     [], {"BLOCK_": sampling.BLOCK}),
 ] + [
     (f"gather word={size}", gather._gather_kernel,
      {"dst_base": "i64", "src_tab": "*i64", "words_tab": "*i64", "dst_tab": "*i64", "set_tab": "*i64",

@@ -20,4 +20,4 @@ def test_kernels_compile_for_gpu_targets():
     lines = result.stdout.splitlines()
     failures = [ln for ln in lines if ln.startswith("FAIL")]
     assert result.returncode == 0 and not failures, "\n".join(failures) or result.stderr[-3000:]
-    assert sum(ln.startswith("OK") for ln in lines) >= 2 * (64 + 8 + 2 + 8)
+    assert sum(ln.startswith("OK") for ln in lines) >= 2 * (64 + 8 + 2 + 2 + 8)

@@ -147,6 +147,25 @@ def test_window_sampler_matches_reference(lanes, marks_last, next_step, length, 
         assert (length == 1) == bool(want["valid"].all()) and (length > 1) == (not want["valid"].any())
 
 
+@pytest.mark.parametrize("lanes", [1, 7, 1023])
+@pytest.mark.parametrize("marks_last,next_step", MODES)
+@pytest.mark.parametrize("adds", [1, 5, 6, 7, 13])
+def test_episode_sampler_matches_reference(lanes, marks_last, next_step, adds):
+    rows = 6
+    ix = build(lanes, rows, adds, marks_last, next_step, seed=adds)
+    live = min(adds, rows)
+    cum = torch.cumsum(ref.whole_episode_ends(ix, adds - live, live), 0)
+    batch, seed, offset = 300, 5 + adds, 2**33 + lanes
+    draws = ref.philox_below(seed, offset, (batch,), cum[-1], cum.device)
+    want = ref.episode_choice(cum, draws)
+    got = sampling.episode_ends(cum, seed, offset, batch)
+    assert_same(got[0], want[0], "end slot")
+    assert_same(got[1], want[1], "valid")
+    if bool(want[1][0]):
+        eligible = ref.whole_episode_ends(ix, adds - live, live)
+        assert eligible[got[0]].all()  # every draw is the end of a whole, finished episode
+
+
 def test_philox_reference_matches_triton_stream():
     import triton.language as tl
 
