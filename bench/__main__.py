@@ -106,7 +106,7 @@ def main() -> None:
         if device.type == "cuda":
             caps = [1 << k for k in range(20, 28)]
         else:
-            caps = [1 << k for k in range(18, 24)]
+            caps = [1 << k for k in range(18, 25)]  # 2^24: as far as 24 GiB holds both rings
         points = sweeps(device, caps, [1 << k for k in range(10, 17)], repeats=5 if args.quick else 10)
         spath = os.path.join(args.out, f"sweeps_{tag}.csv")
         with open(spath, "w", newline="") as f:

@@ -90,6 +90,20 @@ def main() -> None:
         t = interleaved(fns, device, repeats=args.repeats, inner=5)
         for name, timing in t.items():
             rows.append((op, name, moved[op] / timing.median_s / 1e9, timing.median_s / t[backends[0]].median_s))
+    # The fused gather at a fixed 256 bytes per transition split into 1, 4 or 16 leaves: one
+    # launch on the kernels whatever the count, one index_select per leaf on the reference.
+    for leaves in (1, 4, 16):
+        sources = [torch.randn(CAPACITY, 64 // leaves, device=device) for _ in range(leaves)]
+        entries = [(t, 0) for t in sources]
+        fns = {}
+        for b, buf in bufs.items():
+            def gather_leaves(ops=buf._ops, e=entries):
+                return ops.gather(e, (torch.randint(0, CAPACITY, (4096,), device=device),))
+            fns[b] = gather_leaves
+        t = interleaved(fns, device, repeats=args.repeats, inner=5)
+        for name, timing in t.items():
+            rows.append((f"gather, 256 B in {leaves} leaves", name, 4096 * 256 / timing.median_s / 1e9,
+                         timing.median_s / t[backends[0]].median_s))
     print(f"## Hot ops on {device_name(device)}\n")
     print("| op | provider | GB/s | time vs reference |\n|---|---|---|---|")
     for op, name, gbps, ratio in rows:
