@@ -74,8 +74,8 @@ def main() -> None:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--no-torchrl", action="store_true", help="skip the TorchRL comparison")
     p.add_argument("--sweep", action="store_true", help="also run the capacity and num_envs sweeps (and plot them)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
-                   help="folder for the CSV and PNG (default bench/results)")
+    p.add_argument("--out", default=None,
+                   help="folder for the CSV and PNG (default bench/results, bench/results/quick with --quick)")
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     prov = provenance(device)
@@ -91,6 +91,9 @@ def main() -> None:
     print(f"\nDevice copy bandwidth (the physical limit): {copy_bandwidth(device):.1f} GB/s")
     print("W4 (prioritized) is not measured: gpubuffers has no prioritized sampler yet.\n")
 
+    if args.out is None:
+        # Quick runs (the README's main job) do not overwrite the committed full-run figures.
+        args.out = os.path.join(os.path.dirname(__file__), "results", *(["quick"] if args.quick else []))
     os.makedirs(args.out, exist_ok=True)
     tag = "cuda" if device.type == "cuda" else "cpu"
     path = os.path.join(args.out, f"core_{tag}.csv")
