@@ -88,6 +88,10 @@ def add_step(start: torch.Tensor, end_flags: torch.Tensor, ret: torch.Tensor, do
             raise ValueError(f"{name}: expected a contiguous {dtype} tensor of shape {(rows, lanes)}")
     if tuple(done.shape) != (lanes,) or done.dtype != torch.bool:
         raise ValueError(f"done: expected bool [{lanes}], got {done.dtype} {tuple(done.shape)}")
+    # The kernel reads lane i at offset i: strided inputs (a column of a wider tensor) are packed.
+    done = done.contiguous()
+    flags = None if flags is None else flags.contiguous()
+    reward = None if reward is None else reward.contiguous()
     ended = torch.empty(lanes, dtype=torch.bool, device=start.device)
     grid = (triton.cdiv(lanes, BLOCK),)
     _add_step_kernel[grid](

@@ -76,6 +76,24 @@ def test_add_step_matches_reference(lanes, marks_last, next_step, pattern):
             assert_same(getattr(got, name), getattr(want, name), f"{name} after add {t}")
 
 
+def test_add_step_reads_strided_inputs():
+    # done, flags and reward as columns of wider tensors (stride 2), as a user may pass them.
+    lanes, rows = 9, 3
+    want = ref.EpisodeIndex.empty(rows, lanes, torch.device(DEVICE))
+    got = copy.deepcopy(want)
+    g = torch.Generator().manual_seed(3)
+    for t in range(5):
+        done = (torch.rand(lanes, 2, generator=g) < 0.4).to(DEVICE)[:, 0]
+        flags = torch.ones(lanes, 2, dtype=torch.uint8).to(DEVICE)[:, 1]
+        reward = torch.randn(lanes, 2, generator=g).to(DEVICE)[:, 1]
+        assert not reward.is_contiguous()
+        e_want = ref.add_step(want, done, flags, reward, t, True, False)
+        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, done, flags, reward, t, True, False)
+        assert_same(e_got, e_want, "ended")
+        for name in ("start", "end_flags", "ret"):
+            assert_same(getattr(got, name), getattr(want, name), name)
+
+
 def test_add_step_rejects_bad_layout():
     ix = ref.EpisodeIndex.empty(3, 4, torch.device(DEVICE))
     with pytest.raises(ValueError, match="done: expected bool"):
