@@ -365,7 +365,7 @@ def philox_below(seed: int, offset: int, shape: tuple[int, ...], high: int | tor
 
 
 # ---------------------------------------------------------------------------------------------
-# Sampler entry points: draw proposals from the buffer's generator, then pick.
+# Sampler entry points (draw proposals from the buffer's generator, then pick) and the gather.
 
 def transitions(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int, next_step: bool,
                 final_rows: int) -> dict:
