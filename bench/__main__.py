@@ -42,6 +42,8 @@ def provenance(device: torch.device) -> dict:
 
 
 def plot(points: list[dict], path: str, title: str) -> bool:
+    """Ratios only (absolute times are quoted from GPUs alone): W3 time relative to the same
+    provider at the smallest capacity, and W1 time relative to the plain ring at each lane count."""
     try:
         import matplotlib
     except ImportError:
@@ -50,22 +52,39 @@ def plot(points: list[dict], path: str, title: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, sweep, ylabel in ((axes[0], "W3 capacity", "ms per sample_sequences(256, 32)"),
-                              (axes[1], "W1 lanes", "M transitions added per s")):
-        for provider in sorted({p["provider"] for p in points if p["sweep"] == sweep}):
-            pts = sorted((p["x"], p["ms"] if sweep.startswith("W3") else p["per_s"] / 1e6)
-                         for p in points if p["sweep"] == sweep and p["provider"] == provider)
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=provider)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    w3 = [p for p in points if p["sweep"] == "W3 capacity"]
+    for provider in sorted({p["provider"] for p in w3}):
+        pts = sorted((p["x"], p["ms"]) for p in w3 if p["provider"] == provider)
+        left.plot([x for x, _ in pts], [y / pts[0][1] for _, y in pts], marker="o", label=provider)
+    left.set_title("W3 sample_sequences(256, 32)")
+    left.set_xlabel("capacity (transitions)")
+    left.set_ylabel("time / time at the smallest capacity")
+    w1 = [p for p in points if p["sweep"] == "W1 lanes"]
+    plain = {p["x"]: p["ms"] for p in w1 if p["provider"] == "plain ring"}
+    for provider in sorted({p["provider"] for p in w1} - {"plain ring"}):
+        pts = sorted((p["x"], p["ms"] / plain[p["x"]]) for p in w1 if p["provider"] == provider)
+        right.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=provider)
+    right.axhline(1.0, color="gray", linestyle="--", label="plain ring")
+    right.set_title("W1 add")
+    right.set_xlabel("num_envs")
+    right.set_ylabel("time / plain ring's time")
+    for ax in (left, right):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("capacity (transitions)" if sweep.startswith("W3") else "num_envs")
-        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
+
+
+def read_sweeps(path: str) -> list[dict]:
+    """Points of a sweeps CSV written by this module (to plot it again)."""
+    with open(path, newline="") as f:
+        return [{"sweep": r["sweep"], "x": int(r["x"]), "provider": r["provider"], "ms": float(r["median_ms"])}
+                for r in csv.DictReader(f)]
 
 
 def main() -> None:
@@ -119,7 +138,7 @@ def main() -> None:
                 w.writerow([pt["sweep"], pt["x"], pt["provider"], f"{pt['ms']:.4f}", *prov.values()])
         print(f"wrote {spath}")
         png = os.path.join(args.out, f"sweeps_{tag}.png")
-        if plot(points, png, f"gpubuffers on {prov['device']}"):
+        if plot(points, png, f"gpubuffers on {prov['device']}: ratios within one run"):
             print(f"wrote {png}")
 
 
