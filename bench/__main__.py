@@ -16,7 +16,7 @@ import torch
 
 import gpubuffers
 
-from .core import copy_bandwidth, ratio_table, run_core, sweeps
+from .core import baseline_ratio, copy_bandwidth, ratio_table, run_core, sweeps, w1_overhead
 from .demo import print_demo, run_demo
 
 
@@ -27,9 +27,15 @@ def device_name(device: torch.device) -> str:
 
 
 def provenance(device: torch.device) -> dict:
+    here = os.path.dirname(__file__)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
+                                cwd=here).stdout.strip() or "unknown"
+        # Changes to the code (not to results) since that commit make the figures not its own.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "gpubuffers", "kernels", "bench/*.py"],
+                               capture_output=True, text=True, cwd=os.path.join(here, "..")).stdout.strip()
+        if dirty and commit != "unknown":
+            commit += "+dirty"
     except OSError:
         commit = "unknown"
     triton = "not installed"
@@ -107,6 +113,9 @@ def main() -> None:
     rows = run_core(device, repeats=10 if args.quick else 40, with_torchrl=with_torchrl)
     print("## Core workloads (N=4096, obs float32[64], action float32[12], capacity 2^20)\n")
     print(ratio_table(rows, prov["device"]))
+    print("\nW1, recommended add over bare add (medians of the same interleaved loop; the recommended "
+          "add runs on a done_marks=\"last\" buffer, the bare add on done_marks=\"first\"):")
+    print("\n".join(w1_overhead(rows)))
     print(f"\nDevice copy bandwidth (the physical limit): {copy_bandwidth(device):.1f} GB/s")
     print("W4 (prioritized) is not measured: gpubuffers has no prioritized sampler yet.\n")
 
@@ -119,10 +128,11 @@ def main() -> None:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["workload", "provider", "median_ms", "min_ms", "max_ms", "transitions_per_s", "gb_per_s",
-                    *prov])
+                    "baseline", "time_vs_baseline", *prov])
         for r in rows:
             w.writerow([r.workload, r.provider, f"{1e3 * r.timing.median_s:.4f}", f"{1e3 * r.timing.min_s:.4f}",
-                        f"{1e3 * r.timing.max_s:.4f}", f"{r.per_s:.0f}", f"{r.gbps:.3f}", *prov.values()])
+                        f"{1e3 * r.timing.max_s:.4f}", f"{r.per_s:.0f}", f"{r.gbps:.3f}", r.baseline,
+                        f"{baseline_ratio(r, rows):.3f}", *prov.values()])
     print(f"wrote {path}")
     if args.sweep:
         if device.type == "cuda":

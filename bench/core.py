@@ -1,4 +1,10 @@
-"""Core workloads W1-W3: gpubuffers against the plain-torch ring and TorchRL, in one run."""
+"""Core workloads W1-W3: gpubuffers against the plain-torch ring and TorchRL, in one run.
+
+W1 is timed twice, interleaved in one loop: the bare ``add(step, done)`` against the plain ring's
+slice assignment, and the add the README's quickstart recommends (``terminated``, ``truncated``,
+``final_obs``) against the plain ring storing what Stable-Baselines3's ``ReplayBuffer`` stores for
+the same information (a copy of the true next observation of every step, and done/timeout flags).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ class Row:
     timing: Timing
     items: int  # transitions per call
     nbytes: int  # bytes each call must move
-    baseline: str = "plain ring"
+    baseline: str = "plain ring"  # the provider of the same workload this row is compared with
 
     @property
     def per_s(self) -> float:
@@ -48,6 +54,27 @@ def step_bytes(step: dict) -> int:
     return sum(v.numel() * v.element_size() for v in step.values())
 
 
+W1_RECOMMENDED = "W1 add (recommended: terminated, truncated, final_obs)"
+SB3_RING = "plain ring (SB3-style: next_obs copy, done, timeout)"
+
+
+def make_endings(steps: list[dict], seed: int = 1) -> list[dict]:
+    """For each step of :func:`make_steps`: ``terminated`` and ``truncated`` splitting its ``done``
+    (half the ends are time-outs), the true ``final_obs`` [N, 64] that an auto-resetting
+    environment returns in its extras, and ``next_obs`` (the next step's obs, already the reset
+    observation where an episode ended)."""
+    device = steps[0]["obs"].device
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for i, s in enumerate(steps):
+        done = s["done"]
+        truncated = done & (torch.rand(done.shape, generator=g, device=device) < 0.5)
+        out.append({"terminated": done & ~truncated, "truncated": truncated,
+                    "final_obs": torch.randn(s["obs"].shape, generator=g, device=device),
+                    "next_obs": steps[(i + 1) % len(steps)]["obs"]})
+    return out
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, repeats: int = 10) -> float:
     """The device's copy bandwidth (GB/s, bytes read + written) on one large contiguous copy:
     the physical limit of any add or gather."""
@@ -58,8 +85,10 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, repeats: int = 1
 
 
 def run_core(device: torch.device, lanes: int = 4096, capacity: int = 1 << 20, repeats: int = 20,
-             with_torchrl: bool = True, workloads: tuple[str, ...] = ("W1", "W2", "W3")) -> list[Row]:
-    """W1 add, W2 uniform transitions, W3 sequences for every provider, interleaved in one run."""
+             with_torchrl: bool = True,
+             workloads: tuple[str, ...] = ("W1", "W1r", "W2", "W3")) -> list[Row]:
+    """W1 add (bare; "W1r": the recommended add), W2 uniform transitions, W3 sequences for every
+    provider, interleaved in one run (W1 and W1r in one loop)."""
     rows = capacity // lanes
     steps = make_steps(lanes, device)
     data_steps = [{k: v for k, v in s.items() if k != "done"} for s in steps]
@@ -85,14 +114,65 @@ def run_core(device: torch.device, lanes: int = 4096, capacity: int = 1 << 20, r
         for buf in bufs.values():
             buf.add(data_steps[i % 8], steps[i % 8]["done"])
         plain.add(steps[i % 8])
-    sync(device)
+
+    fns: dict = {}
     out = []
     if "W1" in workloads:
-        fns = {name: adder(buf) for name, buf in bufs.items()}
+        fns.update({name: adder(buf) for name, buf in bufs.items()})
         fns["plain ring"] = add_plain
+    if "W1r" in workloads:
+        # The quickstart's add (Isaac Lab style, done_marks="last"), on buffers of their own, and
+        # the same information the Stable-Baselines3 way: the true next obs (the final obs where
+        # an episode ended, as SB3's off-policy loop substitutes it) copied for every step, plus
+        # the done and timeout flags.
+        ends = make_endings(steps)
+        rec = {name: ReplayBuffer(capacity, lanes, device=device, done_marks="last", seed=0,
+                                  backend=None if name == "gpubuffers" else "torch") for name in bufs}
+        sb3 = PlainRing(rows, lanes, {**steps[0], "next_obs": steps[0]["obs"],
+                                      "timeout": steps[0]["done"]}, device)
+
+        def add_rec(buf, i):
+            e = ends[i % 8]
+            buf.add(data_steps[i % 8], terminated=e["terminated"], truncated=e["truncated"],
+                    final_obs=e["final_obs"])
+
+        def add_sb3(i):
+            s, e = steps[i % 8], ends[i % 8]
+            sb3.add_with_next(data_steps[i % 8], e["next_obs"], s["done"], e["truncated"], e["final_obs"])
+
+        for i in range(rows + 3):
+            for buf in rec.values():
+                add_rec(buf, i)
+            add_sb3(i)
+
+        def rec_adder(buf):
+            def add():
+                counter["i"] += 1
+                add_rec(buf, counter["i"])
+            return add
+
+        def sb3_adder():
+            counter["i"] += 1
+            add_sb3(counter["i"])
+
+        fns.update({(W1_RECOMMENDED, name): rec_adder(buf) for name, buf in rec.items()})
+        fns[(W1_RECOMMENDED, SB3_RING)] = sb3_adder
+    sync(device)
+    if fns:
         t = interleaved(fns, device, repeats=repeats, inner=5)
-        out += [Row("W1 add", k, v, lanes, step_bytes(steps[0] if k == "plain ring" else data_steps[0]))
-                for k, v in t.items()]
+        data_bytes = step_bytes(data_steps[0])
+        # Expected bytes of the final observations of the lanes that end per add.
+        final_bytes = round(float(sum(s["done"].sum() for s in steps)) / len(steps)) * 64 * 4
+        for k, v in t.items():
+            if isinstance(k, tuple):
+                w, name = k
+                if name == SB3_RING:  # step, done, next obs, timeout
+                    out.append(Row(w, name, v, lanes, step_bytes(steps[0]) + lanes * (64 * 4 + 1),
+                                   baseline=SB3_RING))
+                else:  # step, terminated, truncated, the ended lanes' final obs
+                    out.append(Row(w, name, v, lanes, data_bytes + 2 * lanes + final_bytes, baseline=SB3_RING))
+            else:
+                out.append(Row("W1 add", k, v, lanes, step_bytes(steps[0]) if k == "plain ring" else data_bytes))
 
     gen = torch.Generator(device=device).manual_seed(0)
     per_transition = (64 + 12 + 1) * 4
@@ -164,13 +244,29 @@ def sweeps(device: torch.device, capacities: list[int], lane_counts: list[int], 
     return points
 
 
+def baseline_ratio(r: Row, rows: list[Row]) -> float:
+    """Median time of ``r`` over that of its baseline provider (``r.baseline``) in the same workload."""
+    base = {(x.workload, x.provider): x.timing.median_s for x in rows}
+    return r.timing.median_s / base[(r.workload, r.baseline)]
+
+
+def w1_overhead(rows: list[Row]) -> list[str]:
+    """The recommended add over the bare add, per provider, from the same interleaved W1 loop."""
+    bare = {r.provider: r.timing.median_s for r in rows if r.workload == "W1 add"}
+    bare[SB3_RING] = bare.get("plain ring")
+    return [f"- {r.provider}: {r.timing.median_s / bare[r.provider]:.2f}x the time of "
+            f"{'the plain ring' if r.provider == SB3_RING else 'its bare add'}"
+            for r in rows if r.workload == W1_RECOMMENDED and bare.get(r.provider)]
+
+
 def ratio_table(rows: list[Row], device_name: str) -> str:
+    """"vs plain ring" is each row's time over its baseline's (the plain ring, or for the
+    recommended add the SB3-style plain ring) in the same workload."""
     lines = ["| workload | provider | ms/call (median) | min-max ms | M transitions/s | GB/s | vs plain ring | vs TorchRL | device |",
              "|---|---|---|---|---|---|---|---|---|"]
-    plain = {r.workload: r.timing.median_s for r in rows if r.provider == "plain ring"}
     torchrl = {r.workload: r.timing.median_s for r in rows if r.provider.startswith("torchrl")}
     for r in rows:
-        ratio = r.timing.median_s / plain[r.workload]
+        ratio = baseline_ratio(r, rows)
         vs_rl = f"{torchrl[r.workload] / r.timing.median_s:.1f}x faster" if r.workload in torchrl \
             and not r.provider.startswith("torchrl") else ""
         lines.append(f"| {r.workload} | {r.provider} | {1e3 * r.timing.median_s:.3f} | "

@@ -59,15 +59,14 @@ def main() -> None:
         for b, buf in bufs.items():
             ops, ix = buf._ops, buf.index
             if op == "add_step":
-                counter = iter(range(10**9))
-                fns[b] = (lambda ops=ops, ix=ix, c=counter, total=buf.num_adds:
-                          ops.add_step(ix, done, None, reward, total + next(c), True, False))
+                # The index update of one add, then the cursor moves on (as add does).
+                fns[b] = (lambda ops=ops, ix=ix: (ops.add_step(ix, done, None, reward, True, False),
+                                                  ops.advance(ix)))
             elif op == "transitions":
                 fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_transitions(
-                    ix, buf._rng, 4096, 1, buf.oldest_row, buf.live_rows, False, buf._final_rows))
+                    ix, buf._rng, 4096, 1, False, buf._final_rows))
             elif op == "windows":
-                fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_windows(
-                    ix, buf._rng, 256, 32, buf.oldest_row, buf.live_rows, 32))
+                fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_windows(ix, buf._rng, 256, 32, 32))
             else:
                 # Fresh random slots on every call, as sampling produces (a fixed index would
                 # time a cache-hot gather).

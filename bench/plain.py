@@ -1,8 +1,9 @@
 """The plain-torch ring: the simplest code a user would write, the floor any buffer should approach.
 
-Time-major ring tensors written by slice assignment; transitions drawn with ``randint`` and
-``index_select`` (no next observation); sequences drawn by rejection, checking the ``done``
-flags of every row of each proposed window.
+Time-major ring tensors written by slice assignment (``add_with_next`` also stores a copy of the
+next observation and done/timeout flags, as Stable-Baselines3 does); transitions drawn with
+``randint`` and ``index_select`` (no next observation); sequences drawn by rejection, checking
+the ``done`` flags of every row of each proposed window.
 """
 
 from __future__ import annotations
@@ -21,6 +22,24 @@ class PlainRing:
         row = self.total % self.rows
         for k, v in step.items():
             self.storage[k][row] = v
+        self.total += 1
+
+    def add_with_next(self, step: dict[str, torch.Tensor], next_obs: torch.Tensor, done: torch.Tensor,
+                      timeout: torch.Tensor, final_obs: torch.Tensor | None = None) -> None:
+        """What Stable-Baselines3's ``ReplayBuffer.add`` stores: the step, a copy of the true next
+        observation and the done and timeout flags, every step. With ``final_obs`` (an
+        auto-resetting env's extras), the stored next obs is ``final_obs`` on the ``done`` lanes,
+        as SB3's off-policy loop substitutes ``terminal_observation``. The ring must have been
+        built with ``next_obs``, ``done`` and ``timeout`` leaves."""
+        row = self.total % self.rows
+        for k, v in step.items():
+            self.storage[k][row] = v
+        if final_obs is None:
+            self.storage["next_obs"][row] = next_obs
+        else:
+            torch.where(done[:, None], final_obs, next_obs, out=self.storage["next_obs"][row])
+        self.storage["done"][row] = done
+        self.storage["timeout"][row] = timeout
         self.total += 1
 
     @property

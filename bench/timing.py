@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -41,14 +42,23 @@ def measure(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 
 def interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, warmup: int = 3,
-                repeats: int = 20, inner: int = 1) -> dict[str, Timing]:
-    """Time several providers in alternation, so a slow phase of the machine hits them alike."""
+                repeats: int = 20, inner: int = 1, shuffle: bool = False) -> dict[str, Timing]:
+    """Time several providers in alternation, so a slow phase of the machine hits them alike.
+
+    shuffle: run the providers of each repeat in a fresh (seeded) random order, so that what one
+    leaves behind (evicted caches, freed memory) falls on every other alike, not always on the
+    one after it.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
+    order = list(fns.items())
+    rng = random.Random(0)
     for _ in range(repeats):
-        for name, fn in fns.items():
+        if shuffle:
+            rng.shuffle(order)
+        for name, fn in order:
             sync(device)
             t0 = time.perf_counter()
             for _ in range(inner):

@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+import random
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from . import ops
-from .reference import ENDED, HAS_FINAL, TRUNCATED, EpisodeIndex, slot_age, take
-from .specs import (RESERVED_KEYS, LeafSpec, as_tensor, check_leaf, check_mask, flatten,
-                    unflatten)
+from . import layout, ops
+from .layout import ENDED, HAS_FINAL, STATE_ADDS, TRUNCATED
+from .reference import EpisodeIndex, take
+from .specs import (RESERVED_KEYS, LeafSpec, as_tensor, carrier, check_leaf, check_mask, flatten,
+                    resolve_device, storable, unflatten)
 
 DONE_MARKS = ("first", "last")
 AUTORESET = ("same_step", "next_step")
+
+#: Largest batch a sampler draws: the kernels number items with 32-bit program offsets.
+MAX_BATCH = 2**31 - 1
+
+#: Bytes of episode index per slot: start (int64), end flags (uint8), return (float32),
+#: final-obs counter (int64).
+_INDEX_BYTES_PER_SLOT = 8 + 1 + 4 + 8
 
 
 def _leaves_under(key: str, specs: Mapping[str, Any]) -> list[str]:
@@ -21,12 +30,30 @@ def _leaves_under(key: str, specs: Mapping[str, Any]) -> list[str]:
     return [p for p in specs if p == key or p.startswith(key + "/")]
 
 
-def _positive_int(value: Any, name: str) -> int:
+def _positive_int(value: Any, name: str, limit: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
     if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value}")
+    if limit is not None and value > limit:
+        raise ValueError(f"{name}: expected a positive int of at most {limit}, got {value}")
     return value
+
+
+def _fresh_seed() -> int:
+    """A seed from the operating system: it leaves the caller's torch random stream untouched."""
+    return random.SystemRandom().getrandbits(62)
+
+
+class _Step(NamedTuple):
+    """One add, checked and converted: what the commit writes, and cannot fail on."""
+
+    flat: dict[str, torch.Tensor]         # leaf path -> [N, *shape] (or [*shape]), detached
+    done: torch.Tensor                    # [N] bool
+    flags: torch.Tensor | None            # [N] uint8 end flags of the episodes done closes
+    reward: torch.Tensor | None           # [N] float32
+    finals: dict[str, torch.Tensor] | None  # next leaf path -> [N, *shape]
+    layout: dict[str, Any] | None         # the storage allocated by the first add
 
 
 class ReplayBuffer:
@@ -41,7 +68,8 @@ class ReplayBuffer:
         capacity: transitions held at most (rounded down to ``T * N``; at least 2 rows).
         num_envs: number of lanes N; ``None`` is a single environment whose leaves carry no
             batch dimension and whose ``done`` is a Python bool or 0-d tensor.
-        device: storage device; ``None`` takes the device of the first step's tensors.
+        device: storage device; ``None`` takes the device of the first step's tensors. A device
+            named without an index (``"cuda"``) means the current one (``cuda:0``).
         done_marks: ``"first"``: ``done[n]`` says this row follows the end of an episode
             (the ``was_done`` reading of CleanRL and rsl_rl); ``"last"``: this row is the last
             of its episode (the ``terminated | truncated`` returned by ``env.step``).
@@ -49,17 +77,20 @@ class ReplayBuffer:
             starts the next episode; ``"next_step"`` (gymnasium >= 1.0): the row after an
             episode's end is a reset row that holds the final observation and belongs to no
             episode.
-        next_keys: leaves whose successor value samples return under ``"next"``.
-        seed: seed of the sampling generator; ``None`` draws one from torch's global RNG.
-        reward_key: leaf summed into episode returns (shape ``[N]`` or ``[N, 1]``); ignored
-            when the step has no such leaf.
+        next_keys: leaves whose successor value samples return under ``"next"`` (``()`` for none).
+        seed: seed of the sampling streams, an int in ``[-2**63, 2**63)``; ``None`` takes one
+            from the operating system (the global torch random stream is left untouched).
+        reward_key: the leaf summed into episode returns, of shape ``[N]`` or ``[N, 1]`` (a
+            scalar per lane); the first add raises if the step has no such scalar leaf.
+            ``None``: returns are not tracked, and ``episode_stats`` and ``sample_episodes`` carry
+            no return.
         final_obs_capacity: final observations kept (default ``capacity // 8``, enough while
             episodes average 8 rows or more), as a ring per lane of ``ceil(final_obs_capacity / N)``
             rows (at least 2); when a lane ends more episodes while their transitions are still
             live, its oldest final observations are dropped and reported through ``next_valid``.
         max_proposals: uniform proposals per sampled item for the samplers that reject
-            (sequences, episodes, ``next_step`` transitions); an item whose proposals are
-            all rejected is returned with ``valid=False``.
+            (sequences, ``next_step`` transitions); an item whose proposals are all rejected is
+            returned with ``valid=False``.
         backend: ``"torch"`` (pure torch) or ``"triton"`` (kernels); default: triton for CUDA
             tensors when it is installed, else torch, unless ``GPUBUFFERS_BACKEND`` says otherwise.
     """
@@ -79,16 +110,25 @@ class ReplayBuffer:
             raise ValueError(f"done_marks: expected one of {DONE_MARKS}, got {done_marks!r}")
         if autoreset not in AUTORESET:
             raise ValueError(f"autoreset: expected one of {AUTORESET}, got {autoreset!r}")
-        if isinstance(next_keys, str) or not all(isinstance(k, str) for k in next_keys):
-            raise TypeError(f"next_keys: expected a sequence of leaf names, got {next_keys!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+        if (isinstance(next_keys, (str, bytes)) or not isinstance(next_keys, Sequence)
+                or not all(isinstance(k, str) and k for k in next_keys)):
+            raise TypeError(f"next_keys: expected a sequence of leaf names (() for none), "
+                            f"got {next_keys!r}")
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+            if not -2**63 <= seed < 2**63:
+                raise ValueError(f"seed: expected an int in [-2**63, 2**63) (int64), got {seed}")
+        if reward_key is not None and (not isinstance(reward_key, str) or not reward_key):
+            raise TypeError(f"reward_key: expected a leaf name or None, got {reward_key!r}")
         if final_obs_capacity is not None:
             final_obs_capacity = _positive_int(final_obs_capacity, "final_obs_capacity")
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"backend: expected one of {ops.BACKENDS} or None, got {backend!r}")
         self._rows = capacity // lanes
         self._lanes = lanes
         self._single = num_envs is None
-        self._device = None if device is None else torch.device(device)
+        self._device = None if device is None else resolve_device(device)
         self._marks_last = done_marks == "last"
         self._next_step = autoreset == "next_step"
         self.done_marks = done_marks
@@ -96,26 +136,26 @@ class ReplayBuffer:
         self.next_keys = tuple(next_keys)
         self.reward_key = reward_key
         self.max_proposals = _positive_int(max_proposals, "max_proposals")
-        # The side table is a ring per lane, so its capacity is rounded up to whole rows.
-        self._final_rows = max(2, -(-(final_obs_capacity or self.capacity // 8) // lanes))
-        self._seed = seed if seed is not None else int(torch.randint(0, 2**62, ()).item())
+        self._final_rows = layout.final_rows(final_obs_capacity, self.capacity, lanes)
+        self._seed = seed if seed is not None else _fresh_seed()
+        self._backend = backend
         self._specs: dict[str, LeafSpec] | None = None
         self._storage: dict[str, torch.Tensor] = {}
         self._flat: dict[str, torch.Tensor] = {}
         self._final: dict[str, torch.Tensor] = {}
         self._next_src: dict[str, torch.Tensor] = {}
-        self._finals_stored = False  # host flag: no side-table lookups until a final obs arrives
+        self._next_leaves: list[str] = []
         self._episode_cum: torch.Tensor | None = None
+        self._episode_rows = 1       # host power of two >= the longest whole stored episode
+        self._episode_rows_at = -1   # num_adds when _episode_rows was last brought up to date
         self._ix: EpisodeIndex | None = None
         self._rng: ops.Rng | None = None
         self._ops = None
-        self._backend = backend
-        if backend is not None and backend not in ops.BACKENDS:
-            raise ValueError(f"backend: expected one of {ops.BACKENDS} or None, got {backend!r}")
         self._total = 0
-        self._ix_lanes: torch.Tensor | None = None
         self._shapes: dict[str, torch.Size] | None = None
         self._reward_tracked = False
+        self._row_stats: torch.Tensor | None = None
+        self._stat_totals: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -182,20 +222,31 @@ class ReplayBuffer:
         """Statistics of the episodes that ended in the newest ``last_rows`` rows (default: all
         live rows), as device tensors, without a host sync.
 
-        Returns ``count``, ``mean_length`` and ``mean_return`` (NaN while none has ended);
-        lengths and returns count whole episodes, also those whose first rows were overwritten.
+        Returns ``count`` [] int64, ``mean_length`` and ``mean_return`` [] float64 (NaN while
+        none has ended; no ``mean_return`` when ``reward_key=None``); lengths and returns count
+        whole episodes, also those whose first rows were overwritten. Per-row sums kept as rows
+        are written make the whole buffer O(1) and a window O(last_rows), whatever N.
         """
         if self._ix is None:
             raise ValueError("episode_stats: the buffer is empty; add steps first")
-        live = self.live_rows
-        last_rows = live if last_rows is None else min(_positive_int(last_rows, "last_rows"), live)
-        ix = self._ix
-        age = slot_age(self._rows, self._lanes, self.oldest_row, self._device)
-        ended = (ix.end_flags != 0) & (age < live) & (age >= live - last_rows)
-        count = ended.sum()
-        lengths = ((age + self.oldest_row + 1 - ix.start) * ended).sum().double()
-        returns = (ix.ret.double() * ended).sum()
-        return {"count": count, "mean_length": lengths / count, "mean_return": returns / count}
+        if last_rows is not None:
+            last_rows = _positive_int(last_rows, "last_rows")
+        if last_rows is None or last_rows >= self._rows:
+            sums = self._stat_totals  # every live row
+        else:
+            # The newest last_rows rows, counted back from the device cursor (graph-safe); rows
+            # before the first add hold no sums.
+            adds = self._ix.state[STATE_ADDS]
+            back = torch.arange(1, last_rows + 1, device=self._device)
+            sums = self._row_stats.index_select(0, (adds - back) % self._rows)
+            sums = torch.where((adds - back >= 0)[:, None], sums, 0.0).sum(0)
+        count = sums[0]
+        nan = torch.full((), math.nan, dtype=torch.float64, device=self._device)
+        some = count > 0
+        out = {"count": count.round().long(), "mean_length": torch.where(some, sums[1] / count, nan)}
+        if self._reward_tracked:
+            out["mean_return"] = torch.where(some, sums[2] / count, nan)
+        return out
 
     def __repr__(self) -> str:
         return (f"ReplayBuffer(capacity={self.capacity}, num_envs={self.num_envs}, rows={self._rows}, "
@@ -203,21 +254,37 @@ class ReplayBuffer:
                 f"device={self._device}, adds={self._total})")
 
     # ------------------------------------------------------------------ add
-    def add(self, step: Any, done: Any, *, final_obs: Any = None, truncated: Any = None) -> None:
+    def add(self, step: Any, done: Any = None, *, terminated: Any = None, truncated: Any = None,
+            final_obs: Any = None) -> None:
         """Write one row: the same step of every lane.
 
         step: (nested) dict or TensorDict of leaves ``[N, *leaf_shape]`` (``[*leaf_shape]`` for
-            a single environment); numpy arrays are converted.
-        done: [N] bool (integer 0/1 accepted) read as ``done_marks`` says.
+            a single environment); numpy arrays are converted. Values are stored detached: a
+            leaf that requires grad never links the buffer to the autograd graph.
+        done: [N] bool (integer 0/1 accepted) read as ``done_marks`` says; may be left out when
+            ``terminated`` is given, and is then ``terminated | truncated``.
+        terminated: [N] bool, the episodes that the flags close ended by termination. Pass it
+            with ``truncated`` as ``env.step`` returns them: a lane with both set is a
+            termination (termination takes precedence, as in gymnasium and SB3).
+        truncated: [N] bool, the episodes that the flags close ended by truncation (a time
+            limit), not termination; default all False. Without ``terminated``, a lane flagged
+            ``truncated`` is taken as truncated only: pass ``truncated & ~terminated`` then.
         final_obs: for ``autoreset="same_step"``: the true final observation of the episodes
-            that ``done`` closes with this add, as a tensor (one next key) or a dict by next
+            that the flags close with this add, as a tensor (one next key) or a dict by next
             key, ``[N, *leaf_shape]``; rows of lanes whose episode did not end are ignored.
-        truncated: [N] bool, the episodes that ``done`` closes ended by truncation (time
-            limit), not termination; default all False.
 
-        The whole call is validated before anything is written: a rejected call leaves the
-        buffer as it was.
+        In ``done_marks="first"`` the flags, ``terminated``, ``truncated`` and ``final_obs``
+        describe the episode that ended on the previous row (they arrive one add late).
+        The whole call is checked and converted before anything is written: a rejected call
+        leaves the buffer exactly as it was.
         """
+        prepared = self._prepare(step, done, terminated, truncated, final_obs)
+        with torch.no_grad():
+            self._commit(prepared)
+
+    def _prepare(self, step: Any, done: Any, terminated: Any, truncated: Any, final_obs: Any) -> _Step:
+        """Check and convert one add; allocate the storage on the first. Writes nothing to the
+        buffer: every failure of an add happens here."""
         batch = () if self._single else (self._lanes,)
         device = self._device
         flat = flatten(step, "step")
@@ -227,7 +294,8 @@ class ReplayBuffer:
         specs = self._specs
         for p, v in flat.items():
             if type(v) is not torch.Tensor:
-                flat[p] = as_tensor(v, f"step['{p}']", device)
+                v = as_tensor(v, f"step['{p}']", device)
+            flat[p] = v.detach() if v.requires_grad else v
         if specs is None:
             specs = self._new_specs(flat, batch)
         if flat.keys() != specs.keys():
@@ -240,46 +308,87 @@ class ReplayBuffer:
             spec = specs[p]
             if shapes is None or v.shape != shapes[p] or v.dtype != spec.dtype or v.device != device:
                 check_leaf(v, f"step['{p}']", batch, spec, device)
-        done = check_mask(done, "done", batch, device)
+        if done is None and terminated is None:
+            raise TypeError("done: expected the episode flags [N] bool, or terminated= (and "
+                            "truncated=) to derive them from; got neither")
+        if done is not None:
+            done = check_mask(done, "done", batch, device)
+        if terminated is not None:
+            terminated = check_mask(terminated, "terminated", batch, device)
         if truncated is not None:
             truncated = check_mask(truncated, "truncated", batch, device)
         finals = None
         if final_obs is not None:
             finals = self._check_final(final_obs, specs, batch, device)
+        reward_leaf = self._reward_leaf(specs)
 
-        # Validated: allocate (first add) and write.
-        if self._specs is None:
-            self._allocate(specs, device)
-        row = self._total % self._rows
-        for p, v in flat.items():
-            self._storage[p][row] = v
+        # Everything is valid: convert.
+        lanes = (self._lanes,)
         if self._single:
-            done = done.reshape(1)
-            truncated = None if truncated is None else truncated.reshape(1)
+            flat = {p: v.reshape(1, *specs[p].shape) for p, v in flat.items()}
+        if done is None:
+            done = terminated if truncated is None else terminated | truncated
+        done = done.reshape(lanes)
+        if truncated is not None:
+            truncated = truncated.reshape(lanes)
+            if terminated is not None:
+                truncated = truncated & ~terminated.reshape(lanes)  # termination takes precedence
         if truncated is None and finals is None:
             flags = None
         else:
-            flags = torch.full(batch or (1,), ENDED | (HAS_FINAL if finals is not None else 0),
+            flags = torch.full(lanes, ENDED | (HAS_FINAL if finals is not None else 0),
                                dtype=torch.uint8, device=device)
             if truncated is not None:
-                flags.add_(truncated.reshape(flags.shape), alpha=TRUNCATED)
+                flags.add_(truncated, alpha=TRUNCATED)
         reward = None
-        if self._reward_tracked:
-            reward = flat[self.reward_key]
-            if reward.dim() != 1:
-                reward = reward.reshape(self._lanes)
+        if reward_leaf is not None:
+            reward = flat[reward_leaf].reshape(lanes)
             if reward.dtype != torch.float32:
                 reward = reward.to(torch.float32)
-        ended = self._ops.add_step(self._ix, done, flags, reward, self._total,
-                                   self._marks_last, self._next_step)
-        if finals is not None and ended is not None:
-            end_row = (self._total - (0 if self._marks_last else 1)) % self._rows
-            pos = self._ops.store_finals(self._ix, ended, end_row, self._final_rows)
-            for k, v in finals.items():
-                self._final[k][pos, self._ix_lanes] = v.reshape(self._lanes, *specs[k].shape)
-            self._finals_stored = True
+        if finals is not None:
+            finals = {k: v.detach().reshape(self._lanes, *specs[k].shape) for k, v in finals.items()}
+        new_layout = self._allocate(specs, device) if self._specs is None else None
+        return _Step(flat, done, flags, reward, finals, new_layout)
+
+    def _commit(self, st: _Step) -> None:
+        """Write a prepared add: storage row, episode index, side table, statistics, cursors.
+        Only writes into memory that exists and tensors whose shapes and dtypes were checked;
+        every row it writes is read from the device cursors (graph-safe)."""
+        if st.layout is not None:
+            self.__dict__.update(st.layout)
+        ix, ops_ = self._ix, self._ops
+        row = ix.state[STATE_ADDS:STATE_ADDS + 1] % self._rows
+        for p, v in st.flat.items():
+            carrier(self._storage[p]).index_copy_(0, row, carrier(v)[None])
+        ended = ops_.add_step(ix, st.done, st.flags, st.reward, self._marks_last, self._next_step)
+        ops_.record_ends(ix, self._row_stats, self._stat_totals, ended, self._marks_last)
+        if st.finals is not None:
+            leaves = list(st.finals)
+            ops_.store_finals(ix, ended, self._marks_last, self._final_rows,
+                              [self._final[k] for k in leaves], [st.finals[k] for k in leaves])
+        ops_.advance(ix)
         self._total += 1
         self._episode_cum = None
+
+    def _reward_leaf(self, specs: dict[str, LeafSpec]) -> str | None:
+        """The leaf whose values are summed into returns, or None when returns are not tracked."""
+        key = self.reward_key
+        if key is None:
+            return None
+        spec = specs.get(key)
+        if spec is None:
+            raise ValueError(f"reward_key: {key!r} names no leaf of the step (leaves: {sorted(specs)}); "
+                             f"name the reward leaf, or pass reward_key=None to store episodes "
+                             f"without returns")
+        if math.prod(spec.shape) != 1 or len(spec.shape) > 1:
+            raise ValueError(f"reward_key: the leaf {key!r} has per-lane shape {spec.shape}; returns "
+                             f"are tracked for a scalar reward per lane ([N] or [N, 1]): store a "
+                             f"vector reward under another name and pass reward_key=None, or "
+                             f"name a scalar leaf")
+        if spec.dtype.is_complex:
+            raise TypeError(f"reward_key: the leaf {key!r} has dtype {spec.dtype}; expected a real "
+                            f"(float, integer or bool) reward")
+        return key
 
     def _new_specs(self, flat: dict[str, torch.Tensor], batch: tuple[int, ...]) -> dict[str, LeafSpec]:
         specs = {}
@@ -291,6 +400,9 @@ class ReplayBuffer:
             if tuple(v.shape[:len(batch)]) != batch:
                 raise ValueError(f"step['{p}']: expected a leading lane dimension of {batch[0]} "
                                  f"(num_envs), got shape {tuple(v.shape)}")
+            if not storable(v.dtype):
+                raise TypeError(f"step['{p}']: expected a dtype of 1, 2, 4 or 8 bytes (or "
+                                f"complex128), got {v.dtype}")
             specs[p] = LeafSpec(tuple(v.shape[len(batch):]), v.dtype)
         missing = [k for k in self.next_keys if not _leaves_under(k, specs)]
         if missing:
@@ -303,6 +415,8 @@ class ReplayBuffer:
             raise ValueError("final_obs: not used with autoreset='next_step', where the reset row "
                              "after an episode's end already holds its final observation")
         leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
+        if not leaves:
+            raise ValueError("final_obs: next_keys is empty, so no final observation is kept")
         if isinstance(final_obs, Mapping) or type(final_obs).__module__.startswith("tensordict"):
             finals = flatten(final_obs, "final_obs")
             if set(finals) != set(leaves) and len(self.next_keys) == 1 and leaves != [self.next_keys[0]]:
@@ -322,38 +436,60 @@ class ReplayBuffer:
             out[k] = v
         return out
 
-    def _allocate(self, specs: dict[str, LeafSpec], device: torch.device) -> None:
+    def _allocate(self, specs: dict[str, LeafSpec], device: torch.device) -> dict[str, Any]:
+        """Allocate the storage, index and side tables of a first add; returns the attributes
+        the commit installs. An allocation that fails raises a ValueError saying how much was
+        asked for, for what, and what to lower; nothing is kept."""
         rows, lanes = self._rows, self._lanes
         next_leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
         # Under same_step, each next leaf's final-obs side table (a ring of final_rows rows per
         # lane, plus a scratch row) follows its ring in the same allocation, so one gather at one
         # index reads the successor wherever it lives.
-        extra = 0 if self._next_step else self._final_rows + 1
-        whole = {p: torch.zeros(((rows + (extra if p in next_leaves else 0)) * lanes, *s.shape),
-                                dtype=s.dtype, device=device) for p, s in specs.items()}
-        storage = {p: t[:rows * lanes].view(rows, lanes, *specs[p].shape) for p, t in whole.items()}
-        ix = EpisodeIndex.empty(rows, lanes, device)
+        same_step = not self._next_step
+        sizes = {p: layout.next_source_rows(rows, self._final_rows, same_step) if p in next_leaves
+                 else rows for p in specs}
+        leaf_bytes = {p: sizes[p] * lanes * math.prod(s.shape) * s.dtype.itemsize
+                      for p, s in specs.items()}
+        total_bytes = sum(leaf_bytes.values()) + rows * lanes * _INDEX_BYTES_PER_SLOT
+        try:
+            whole = {p: torch.zeros((sizes[p] * lanes, *s.shape), dtype=s.dtype, device=device)
+                     for p, s in specs.items()}
+            ix = EpisodeIndex.empty(rows, lanes, device)
+            row_stats = torch.zeros(rows, 3, dtype=torch.float64, device=device)
+        except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
+            biggest = sorted(leaf_bytes.items(), key=lambda kv: -kv[1])[:4]
+            listed = ", ".join(f"{p!r}: {n:,} B" for p, n in biggest)
+            raise ValueError(
+                f"capacity: cannot allocate {total_bytes:,} bytes on {device} for capacity="
+                f"{self.capacity} ({rows} rows x {lanes} lanes; largest leaves {listed}; "
+                f"episode index {rows * lanes * _INDEX_BYTES_PER_SLOT:,} B); lower capacity"
+                f"{', final_obs_capacity' if same_step and next_leaves else ''} or store smaller "
+                f"leaves") from err
         gen = torch.Generator(device=device)
         gen.manual_seed(self._seed)
-        self._ops = ops.backend(device, self._backend)
-        self._storage = storage
-        self._flat = {p: t.view(rows * lanes, *specs[p].shape) for p, t in storage.items()}
-        self._ix = ix
-        self._rng = ops.Rng(gen, self._seed)
-        self._ix_lanes = torch.arange(lanes, device=device)
-        self._next_leaves = next_leaves
-        self._next_src = {p: whole[p] for p in next_leaves}
-        if extra:
-            self._final = {p: whole[p][rows * lanes:].view(extra, lanes, *specs[p].shape) for p in next_leaves}
+        storage = {p: t[:rows * lanes].view(rows, lanes, *specs[p].shape) for p, t in whole.items()}
         batch = () if self._single else (lanes,)
-        self._shapes = {p: torch.Size(batch + s.shape) for p, s in specs.items()}
-        self._reward_tracked = self.reward_key in specs and math.prod(specs[self.reward_key].shape) == 1
-        self._device = device
-        self._specs = specs
+        return {
+            "_ops": ops.backend(device, self._backend),
+            "_storage": storage,
+            "_flat": {p: t.view(rows * lanes, *specs[p].shape) for p, t in storage.items()},
+            "_ix": ix,
+            "_rng": ops.Rng(gen, self._seed),
+            "_next_leaves": next_leaves,
+            "_next_src": {p: whole[p] for p in next_leaves},
+            "_final": ({p: whole[p][rows * lanes:].view(self._final_rows + 1, lanes, *specs[p].shape)
+                        for p in next_leaves} if same_step else {}),
+            "_shapes": {p: torch.Size(batch + s.shape) for p, s in specs.items()},
+            "_reward_tracked": self._reward_leaf(specs) is not None,
+            "_row_stats": row_stats,
+            "_stat_totals": torch.zeros(3, dtype=torch.float64, device=device),
+            "_device": device,
+            "_specs": specs,
+        }
 
     # ------------------------------------------------------------------ sampling
     def _check_batch(self, batch_size: Any) -> int:
-        return _positive_int(batch_size, "batch_size")
+        return _positive_int(batch_size, "batch_size", MAX_BATCH)
 
     def _gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every leaf at ``slots`` (any shape): ``[*slots.shape, *leaf_shape]``."""
@@ -377,10 +513,9 @@ class ReplayBuffer:
         if self._total < 2:
             raise ValueError(f"sample: needs at least 2 adds (a transition is complete once the "
                              f"next row is written), the buffer has {self._total}")
-        ix, oldest = self._ix, self.oldest_row
         tries = self.max_proposals if self._next_step else 1
-        links = self._ops.sample_transitions(ix, self._rng, batch_size, tries, oldest, self.live_rows,
-                                             self._next_step, self._final_rows if self._finals_stored else 0)
+        links = self._ops.sample_transitions(self._ix, self._rng, batch_size, tries, self._next_step,
+                                             0 if self._next_step else self._final_rows)
         slot, valid = links["slot"], links["valid"]
         # One gather for the leaves and the next leaves (successor row, or side table at an end).
         entries = [(t, 0) for t in self._flat.values()] + [(self._next_src[k], 1) for k in self._next_leaves]
@@ -413,8 +548,7 @@ class ReplayBuffer:
         if self._total < length:
             raise ValueError(f"length: no window of {length} rows fits in the {self.live_rows} "
                              f"live rows; add more steps first")
-        win = self._ops.sample_windows(self._ix, self._rng, batch_size, self.max_proposals,
-                                       self.oldest_row, self.live_rows, length)
+        win = self._ops.sample_windows(self._ix, self._rng, batch_size, self.max_proposals, length)
         out: dict[str, Any] = unflatten(self._gather(win["slots"]))
         out["is_first"] = win["is_first"]
         out["is_last"] = win["is_last"]
@@ -426,33 +560,41 @@ class ReplayBuffer:
         """B finished episodes whose rows are all stored, uniform over such episodes, packed.
 
         Episodes cut by the seam (their first rows overwritten) and the unfinished episode of
-        each lane are not drawn. Rows are packed end to end into ``max_rows`` rows (default
-        ``B * T``, the worst case); episodes that would not fit are left out with
-        ``valid=False`` and length 0, as are all B when no finished episode is stored.
-        Drawing is exact (no rejection): the first call after an add counts the eligible
-        episodes in one pass over the index, O(capacity); each draw is then O(log capacity).
+        each lane are not drawn. Rows are packed end to end, in draw order, into ``max_rows``
+        rows. By default ``max_rows = B * L``, L the longest whole stored episode rounded up to
+        a power of two and never shrinking, so nothing is ever dropped; finding L reads one
+        number from the device after each add (a host sync on CUDA): pass ``max_rows`` for a
+        fixed shape with no sync (CUDA graphs, the hot loop). With a ``max_rows`` too small for
+        the draws, episodes are kept in draw order up to the first that does not fit, and it
+        and every later one come back with ``valid=False`` and length 0 (as do all B when no
+        finished episode is stored). Drawing is exact (no rejection): the first call after an
+        add counts the eligible episodes in one pass over the index, O(capacity); each draw is
+        then O(log capacity).
 
         Returns every leaf at ``[max_rows, *leaf_shape]``, ``cu_seqlens`` [B + 1] int64
         (episode b is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``), ``length``, ``lane``,
-        ``episode_return`` [B], ``truncated`` [B] bool, ``valid`` [B] bool, ``mask``
-        [max_rows] bool (rows that belong to an episode), ``is_first``, ``is_last`` [max_rows],
-        ``num_rows`` [] int64. :func:`gpubuffers.pad_episodes` turns it into ``[B, L, ...]``.
+        ``episode_return`` [B] (absent when ``reward_key=None``), ``truncated`` [B] bool,
+        ``valid`` [B] bool, ``mask`` [max_rows] bool (rows that belong to an episode),
+        ``is_first``, ``is_last`` [max_rows], ``num_rows`` [] int64.
+        :func:`gpubuffers.pad_episodes` turns it into ``[B, L, ...]``.
         """
         batch_size = self._check_batch(batch_size)
-        if max_rows is None:
-            max_rows = batch_size * self._rows
-        max_rows = _positive_int(max_rows, "max_rows")
+        if max_rows is not None:
+            max_rows = _positive_int(max_rows, "max_rows", MAX_BATCH)
         if self._total == 0:
             raise ValueError("sample_episodes: the buffer is empty; add steps first")
+        if max_rows is None:
+            max_rows = batch_size * self._longest_episode()
         ix = self._ix
-        end_slot, valid = self._ops.sample_episode_ends(self._episode_cumsum(), self._rng, batch_size)
-        packed = self._ops.pack_episodes(ix, end_slot, valid, self.oldest_row, max_rows)
+        end_slot, valid = self._ops.sample_episode_ends(ix, self._episode_cumsum(), self._rng, batch_size)
+        packed = self._ops.pack_episodes(ix, end_slot, valid, max_rows)
         out: dict[str, Any] = unflatten(self._gather(packed["slot"]))
         flags = take(ix.end_flags, end_slot)
         out["cu_seqlens"] = packed["cu_seqlens"]
         out["length"] = packed["length"]
         out["lane"] = packed["lane"]
-        out["episode_return"] = take(ix.ret, end_slot)
+        if self._reward_tracked:
+            out["episode_return"] = take(ix.ret, end_slot)
         out["truncated"] = packed["valid"] & ((flags & TRUNCATED) != 0)
         out["valid"] = packed["valid"]
         out["mask"] = packed["mask"]
@@ -461,9 +603,21 @@ class ReplayBuffer:
         out["num_rows"] = packed["cu_seqlens"][-1]
         return out
 
+    def _longest_episode(self) -> int:
+        """A power of two at least the longest whole stored episode, never shrinking: read from
+        the device once per add at most (the one host sync of ``sample_episodes``' default)."""
+        if self._episode_rows_at != self._total:
+            ix, oldest = self._ix, self.oldest_row
+            eligible = self._ops.whole_episode_ends(ix).view_as(ix.start)
+            end_row = oldest + (torch.arange(self._rows, device=self._device)[:, None] - oldest) % self._rows
+            longest = int(torch.where(eligible, end_row + 1 - ix.start, 0).max())
+            self._episode_rows = max(self._episode_rows, 1 << max(longest - 1, 0).bit_length())
+            self._episode_rows_at = self._total
+        return self._episode_rows
+
     def _episode_cumsum(self) -> torch.Tensor:
         """[T * N] cumulative count of slots that end a whole live episode, built once per add."""
         if self._episode_cum is None:
-            ends = self._ops.whole_episode_ends(self._ix, self.oldest_row, self.live_rows)
+            ends = self._ops.whole_episode_ends(self._ix)
             self._episode_cum = torch.cumsum(ends, 0)
         return self._episode_cum

@@ -19,24 +19,21 @@ from dataclasses import dataclass
 import torch
 
 from . import reference
+from .layout import STATE_OFFSET
 
 BACKENDS = ("torch", "triton")
 
 
 @dataclass
 class Rng:
-    """A buffer's randomness: a torch generator for the reference backend, and the (seed,
-    offset) of a counter-based Philox stream for in-kernel draws; ``offset`` advances on the
-    host by the number of draws a call makes, never read back from the device."""
+    """A buffer's randomness: a torch generator for the reference backend, and the seed of a
+    counter-based Philox stream for in-kernel draws, whose offset is a device cursor
+    (``EpisodeIndex.state``) that the Triton samplers advance; ``offset`` is its host copy, kept
+    for checks and never read back from the device."""
 
     generator: torch.Generator
     seed: int
     offset: int = 0
-
-    def advance(self, count: int) -> int:
-        offset = self.offset
-        self.offset += count
-        return offset
 
 
 def backend_name(device: torch.device, name: str | None = None) -> str:
@@ -68,39 +65,62 @@ def backend(device: torch.device, name: str | None = None):
     return reference
 
 
+#: Every op a backend offers the buffer; both backends define each of them.
+OPS = ("add_step", "record_ends", "store_finals", "advance", "sample_transitions",
+       "sample_windows", "sample_episode_ends", "whole_episode_ends", "pack_episodes", "gather")
+
+#: The ops that stay pure torch on the Triton backend (sync-free on CUDA, and graph-safe: they
+#: read the cursors from the device): small reductions and index arithmetic.
+TORCH_ON_TRITON = ("record_ends", "advance", "whole_episode_ends", "pack_episodes")
+
+
 class TritonOps:
-    """Triton kernels where they exist; the reference (pure torch, sync-free on CUDA) for the
-    rest. Adapts the buffer's index and randomness to the kernels' tensor-and-size launchers."""
+    """The Triton backend: a kernel for every op but those of :data:`TORCH_ON_TRITON`, which
+    run the reference. Adapts the buffer's index and randomness to the kernels' tensor-and-size
+    launchers. Every op is defined here by name: there is no silent fallback."""
 
     name = "triton"
+    record_ends = staticmethod(reference.record_ends)
+    advance = staticmethod(reference.advance)
+    whole_episode_ends = staticmethod(reference.whole_episode_ends)
+    pack_episodes = staticmethod(reference.pack_episodes)
 
     def __init__(self) -> None:
-        from .kernels import episode_index, gather, sampling
+        from .kernels import episode_index, finals, gather, sampling
 
         self._episode_index = episode_index
+        self._finals = finals
         self._sampling = sampling
         self._gather = gather
         self._plans: dict = {}
 
-    def __getattr__(self, attr: str):
-        return getattr(reference, attr)
+    def add_step(self, ix, done, flags, reward, marks_last, next_step):
+        return self._episode_index.add_step(ix.start, ix.end_flags, ix.ret, ix.state, done, flags,
+                                            reward, marks_last, next_step)
 
-    def add_step(self, ix, done, flags, reward, abs_row, marks_last, next_step):
-        return self._episode_index.add_step(ix.start, ix.end_flags, ix.ret, done, flags, reward,
-                                            abs_row, marks_last, next_step)
+    def store_finals(self, ix, ended, marks_last, final_rows, sides, values):
+        self._finals.store_finals(ix.final_idx, ix.fin_head, ix.state, ended, marks_last, final_rows,
+                                  sides, values)
 
-    def sample_transitions(self, ix, rng: Rng, batch, tries, oldest, live, next_step, final_rows):
-        offset = rng.advance(batch * tries)
-        out = self._sampling.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, rng.seed,
-                                         offset, batch, tries, oldest, live, next_step, final_rows)
+    @staticmethod
+    def _drew(ix, rng: Rng, count: int) -> None:
+        """Advance the Philox offset past a launch's draws: on the device, where the next launch
+        reads it (also inside a CUDA graph), and its host copy."""
+        ix.state[STATE_OFFSET:STATE_OFFSET + 1].add_(count)
+        rng.offset += count
+
+    def sample_transitions(self, ix, rng: Rng, batch, tries, next_step, final_rows):
+        out = self._sampling.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, ix.state,
+                                         rng.seed, batch, tries, next_step, final_rows)
+        self._drew(ix, rng, batch * tries)
         if not next_step:
             out["valid"] = None
         return out
 
-    def sample_windows(self, ix, rng: Rng, batch, tries, oldest, live, length):
-        offset = rng.advance(batch * tries)
-        return self._sampling.windows(ix.start, ix.end_flags, rng.seed, offset, batch, tries, oldest,
-                                      live, length)
+    def sample_windows(self, ix, rng: Rng, batch, tries, length):
+        out = self._sampling.windows(ix.start, ix.end_flags, ix.state, rng.seed, batch, tries, length)
+        self._drew(ix, rng, batch * tries)
+        return out
 
     def gather(self, entries, slot_sets):
         key = tuple((s.data_ptr(), tuple(s.shape), s.dtype, k) for s, k in entries)
@@ -112,5 +132,7 @@ class TritonOps:
         out = self._gather.gather(plan, sets)
         return [o.view(*shape, *o.shape[1:]) for o in out]
 
-    def sample_episode_ends(self, cum, rng: Rng, batch):
-        return self._sampling.episode_ends(cum, rng.seed, rng.advance(batch), batch)
+    def sample_episode_ends(self, ix, cum, rng: Rng, batch):
+        out = self._sampling.episode_ends(cum, ix.state, rng.seed, batch)
+        self._drew(ix, rng, batch)
+        return out

@@ -81,13 +81,72 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def resolve_device(device: Any, name: str = "device") -> torch.device:
+    """``device`` as tensors on it report theirs: ``"cpu:0"`` is ``cpu``, and a device named
+    without an index (``"cuda"``) gets the current one (``cuda:0``), so a buffer built with
+    ``device="cuda"`` accepts the tensors that live there."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{name}: expected a torch.device or a device string, got {device!r}") from err
+    if dev.type in ("cpu", "meta"):
+        return torch.device(dev.type)
+    if dev.index is not None:
+        return dev
+    module = getattr(torch, dev.type, None)
+    current = getattr(module, "current_device", None)
+    if current is None:
+        return torch.device(dev.type, 0)
+    try:
+        return torch.device(dev.type, current())
+    except (AssertionError, RuntimeError) as err:
+        raise ValueError(f"{name}: {dev.type!r} asked for, but no {dev.type} device is available "
+                         f"here ({err})") from err
+
+
+#: numpy dtype kinds that hold no numbers: object, bytes, str, void (records), datetimes.
+_NON_NUMERIC_KINDS = {"O": "object", "S": "bytes", "U": "str", "V": "void", "M": "datetime",
+                      "m": "timedelta"}
+
+
 def as_tensor(value: Any, name: str, device: torch.device | None) -> torch.Tensor:
     """Accept a tensor as is, or convert a numpy array / Python scalar to a tensor on ``device``."""
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, (np.ndarray, np.generic, bool, int, float)):
+    if isinstance(value, (np.ndarray, np.generic)):
+        kind = _NON_NUMERIC_KINDS.get(value.dtype.kind)
+        if kind is not None:
+            raise TypeError(f"{name}: expected a numeric or bool numpy array, got dtype "
+                            f"{value.dtype} ({kind})")
+        if isinstance(value, np.ndarray) and any(st < 0 for st in value.strides):
+            raise ValueError(f"{name}: expected a numpy array with non-negative strides, got strides "
+                             f"{value.strides} (a reversed view such as x[::-1]); pass "
+                             f"np.ascontiguousarray(x)")
+        return torch.as_tensor(value, device=device)
+    if isinstance(value, (bool, int, float)):
         return torch.as_tensor(value, device=device)
     raise TypeError(f"{name}: expected a torch.Tensor or numpy array, got {type(value).__name__}")
+
+
+#: Same-size integer dtypes through which rows of any leaf are scattered: torch implements
+#: ``index_put``/``index_copy`` for neither unsigned 16/32/64-bit integers nor every float type.
+_CARRIERS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+_QUANTIZED = {getattr(torch, n) for n in ("qint8", "quint8", "qint32", "quint4x2", "quint2x4")
+              if hasattr(torch, n)}
+
+
+def storable(dtype: torch.dtype) -> bool:
+    """Whether a leaf of ``dtype`` can be stored: any dtype of 1, 2, 4 or 8 bytes (moved through
+    its carrier), and complex128; not quantized dtypes."""
+    return dtype not in _QUANTIZED and (dtype.itemsize in _CARRIERS or dtype == torch.complex128)
+
+
+def carrier(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as the signed integer dtype of its element size (complex128 as itself)."""
+    c = _CARRIERS.get(t.element_size())
+    return t if c is None else t.view(c)
 
 
 def check_leaf(value: torch.Tensor, name: str, batch: tuple[int, ...], spec: LeafSpec,

@@ -3,9 +3,11 @@
 Each entry is one leaf storage ``[rows, *leaf_shape]`` read at one of several slot sets (the
 sampled slots, or their successors for the ``next`` leaves, whose sources extend past the ring
 into the final-observation side table). Leaves of any dtype and trailing shape are moved as
-machine words; outputs are contiguous views into one
-preallocated block. The tables of source addresses and sizes are built once per layout and
-stay on the device, so a launch reads nothing from the host but scalars.
+machine words, each entry in the widest word (8, 4, 2 or 1 bytes) that divides its row size
+and its source's address, so one bool leaf does not drag a float32 observation down to byte
+copies; outputs are contiguous views into one preallocated block. The tables of source
+addresses, sizes and word widths are built once per layout and stay on the device, so a launch
+reads nothing from the host but scalars.
 """
 
 from __future__ import annotations
@@ -19,33 +21,57 @@ import triton.language as tl
 
 BLOCK_ITEMS = 32
 BLOCK_WORDS = 64
-_WORDS = {8: tl.int64, 4: tl.int32, 2: tl.int16, 1: tl.int8}
+
+
+@triton.jit
+def _copy_rows(src, slot, dst, items, in_range, words,
+               WORD: tl.constexpr, WORD_BYTES: tl.constexpr, BW: tl.constexpr):
+    """src, slot, items, in_range: [BI]. Copies, for each item in range, row ``slot`` of the
+    entry's source (at byte address ``src``) to row ``item`` of its output region (at byte
+    address ``dst``), ``words`` words of type WORD (WORD_BYTES bytes) per row."""
+    for w0 in range(0, words, BW):
+        w = w0 + tl.arange(0, BW)
+        mask = in_range[:, None] & (w < words)[None, :]
+        src_addr = src[:, None] + (slot[:, None] * words + w[None, :]) * WORD_BYTES
+        value = tl.load(src_addr.to(tl.pointer_type(WORD)), mask=mask)
+        dst_addr = dst + (items[:, None].to(tl.int64) * words + w[None, :]) * WORD_BYTES
+        tl.store(dst_addr.to(tl.pointer_type(WORD)), value, mask=mask)
 
 
 @triton.jit(do_not_specialize=["n_items"])
 def _gather_kernel(
     dst_base,                                                   # output block address (bytes)
-    src_tab, words_tab, dst_tab, set_tab,                       # per-entry tables [E]
+    src_tab, words_tab, word_tab, dst_tab, set_tab,             # per-entry tables [E]
     slots_ptr,                                                  # [S, n] slot sets
     n_items,
-    WORD: tl.constexpr, WORD_BYTES: tl.constexpr, BI: tl.constexpr, BW: tl.constexpr,
+    HAS_W8: tl.constexpr, HAS_W4: tl.constexpr, HAS_W2: tl.constexpr, HAS_W1: tl.constexpr,
+    BI: tl.constexpr, BW: tl.constexpr,
 ):
     entry = tl.program_id(1)
     items = tl.program_id(0) * BI + tl.arange(0, BI)
     in_range = items < n_items
     words = tl.load(words_tab + entry)
+    wbytes = tl.load(word_tab + entry)
     src = tl.load(src_tab + entry)
     which = tl.load(set_tab + entry)
     slot = tl.load(slots_ptr + which * n_items + items, mask=in_range, other=0)
     base = tl.zeros([BI], tl.int64) + src
     dst = dst_base + tl.load(dst_tab + entry) * n_items
-    for w0 in range(0, words, BW):
-        w = w0 + tl.arange(0, BW)
-        mask = in_range[:, None] & (w < words)[None, :]
-        src_addr = base[:, None] + (slot[:, None] * words + w[None, :]) * WORD_BYTES
-        value = tl.load(src_addr.to(tl.pointer_type(WORD)), mask=mask)
-        dst_addr = dst + (items[:, None].to(tl.int64) * words + w[None, :]) * WORD_BYTES
-        tl.store(dst_addr.to(tl.pointer_type(WORD)), value, mask=mask)
+    # The word size varies by entry, so each program branches (uniformly: one entry per
+    # program) to the copy through a pointer of its width. The HAS_W* flags leave out the
+    # widths the plan never uses: a plan of one width compiles to a single copy loop.
+    if HAS_W8:
+        if wbytes == 8:
+            _copy_rows(base, slot, dst, items, in_range, words, tl.int64, 8, BW)
+    if HAS_W4:
+        if wbytes == 4:
+            _copy_rows(base, slot, dst, items, in_range, words, tl.int32, 4, BW)
+    if HAS_W2:
+        if wbytes == 2:
+            _copy_rows(base, slot, dst, items, in_range, words, tl.int16, 2, BW)
+    if HAS_W1:
+        if wbytes == 1:
+            _copy_rows(base, slot, dst, items, in_range, words, tl.int8, 1, BW)
 
 
 @dataclass
@@ -54,9 +80,10 @@ class GatherPlan:
 
     src: torch.Tensor
     words: torch.Tensor
+    word_tab: torch.Tensor
     dst: torch.Tensor
     sets: torch.Tensor
-    word_bytes: int
+    word_bytes: list[int]           # per entry: the width it is copied in (8, 4, 2 or 1 bytes)
     nbytes: list[int]
     offsets: list[int]
     views: list[tuple[torch.dtype, tuple[int, ...]]]
@@ -74,8 +101,10 @@ def make_plan(entries: list[tuple[torch.Tensor, int]]) -> GatherPlan:
         if not src.is_contiguous():
             raise ValueError("entries: sources must be contiguous")
         nbytes.append(math.prod(src.shape[1:]) * src.element_size())
-    word = next(w for w in (8, 4, 2, 1) if all(n % w == 0 for n in nbytes)
-                and all(s.data_ptr() % w == 0 for s, _ in entries))
+    # Per entry, the widest word that tiles its rows and is aligned at its source: row r starts
+    # at data_ptr + r * n, so w must divide both. (The output side is 16-byte aligned.)
+    word = [next(w for w in (8, 4, 2, 1) if n % w == 0 and s.data_ptr() % w == 0)
+            for n, (s, _) in zip(nbytes, entries)]
     # Each entry's region starts at offset * n bytes; 16-byte aligned offsets keep every output
     # view aligned for its dtype whatever n is.
     offsets, acc = [], 0
@@ -88,7 +117,8 @@ def make_plan(entries: list[tuple[torch.Tensor, int]]) -> GatherPlan:
 
     return GatherPlan(
         src=table([s.data_ptr() for s, _ in entries]),
-        words=table([n // word for n in nbytes]),
+        words=table([n // w for n, w in zip(nbytes, word)]),
+        word_tab=table(word),
         dst=table(offsets),
         sets=table([k for _, k in entries]),
         word_bytes=word,
@@ -106,8 +136,9 @@ def gather(plan: GatherPlan, slot_sets: torch.Tensor) -> list[torch.Tensor]:
     block = torch.empty((plan.offsets[-1] + plan.nbytes[-1]) * n, dtype=torch.uint8, device=plan.device)
     grid = (triton.cdiv(n, BLOCK_ITEMS), len(plan.nbytes))
     _gather_kernel[grid](
-        block.data_ptr(), plan.src, plan.words, plan.dst, plan.sets, slot_sets, n,
-        WORD=_WORDS[plan.word_bytes], WORD_BYTES=plan.word_bytes, BI=BLOCK_ITEMS, BW=BLOCK_WORDS,
+        block.data_ptr(), plan.src, plan.words, plan.word_tab, plan.dst, plan.sets, slot_sets, n,
+        HAS_W8=8 in plan.word_bytes, HAS_W4=4 in plan.word_bytes, HAS_W2=2 in plan.word_bytes,
+        HAS_W1=1 in plan.word_bytes, BI=BLOCK_ITEMS, BW=BLOCK_WORDS,
     )
     out = []
     for (dtype, shape), nb, off in zip(plan.views, plan.nbytes, plan.offsets):

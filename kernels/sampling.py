@@ -1,8 +1,10 @@
 """Index sampling with in-kernel randomness: transitions (with their links), windows, episodes.
 
 Each item draws up to ``tries`` uniform proposals from Triton's Philox stream at counters
-``offset + item * tries + try`` (the host advances ``offset``; nothing is read back), keeps the
-first one accepted, else proposal 0 with ``valid=False``. Mirrors
+``offset + item * tries + try``, keeps the first one accepted, else proposal 0 with
+``valid=False``. The live rows and the offset are read from the device cursors ``state``
+(:mod:`gpubuffers.layout`), never passed from the host, so a launch captured in a CUDA graph
+draws anew from the rows live at each replay; the caller advances the offset after the launch. Mirrors
 :func:`gpubuffers.reference.transitions`, :func:`gpubuffers.reference.windows` and
 :func:`gpubuffers.reference.episode_choice` fed with :func:`gpubuffers.reference.philox_below`
 draws. Cost per item is O(tries) for transitions and windows, independent of capacity, and
@@ -15,7 +17,21 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import layout
+
 BLOCK = 128
+_TRUNCATED = tl.constexpr(layout.TRUNCATED)
+_HAS_FINAL = tl.constexpr(layout.HAS_FINAL)
+_ADDS = tl.constexpr(layout.STATE_ADDS)
+_OFFSET = tl.constexpr(layout.STATE_OFFSET)
+
+
+@triton.jit
+def _live_span(state_ptr, rows):
+    """(live rows, oldest absolute row, Philox offset) from the device cursors (layout.cursors)."""
+    adds = tl.load(state_ptr + _ADDS)
+    live = tl.minimum(adds, rows)
+    return live, adds - live, tl.load(state_ptr + _OFFSET)
 
 
 @triton.jit
@@ -51,12 +67,11 @@ def _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row
     return best_slot, best_row, found
 
 
-@triton.jit(do_not_specialize=["seed", "offset", "batch", "tries", "high", "base_row", "lanes",
-                                "total", "final_rows"])
+@triton.jit(do_not_specialize=["seed", "batch", "tries", "rows", "lanes", "total", "final_rows"])
 def _transitions_kernel(
     slots_ptr, row_ptr, masks_ptr,                 # outputs: [2, B] (slot, succ), [B], [6, B]
-    start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr,   # index
-    seed, offset, batch, tries, high, base_row, lanes, total, final_rows,
+    start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr, state_ptr,   # index, cursors
+    seed, batch, tries, rows, lanes, total, final_rows,
     NEXT_STEP: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_: tl.constexpr,
 ):
     """Pick transitions (as reference.transition_slots) and describe them (as
@@ -64,13 +79,16 @@ def _transitions_kernel(
     admissible, and one proposal per item is drawn."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
+    live, oldest, offset = _live_span(state_ptr, rows)
+    high = (live - 1) * lanes
+    base_row = oldest
     slot, row, found = _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row,
                                          lanes, total, 1, BLOCK_)
     succ = (slot + lanes) % total
     is_first = tl.load(start_ptr + slot, mask=mask, other=0) == row
     flags = tl.load(end_flags_ptr + slot, mask=mask, other=0).to(tl.int32)
     is_last = flags != 0
-    truncated = (flags & 2) != 0
+    truncated = (flags & _TRUNCATED) != 0
     terminated = is_last & (truncated == 0)
     if NEXT_STEP:
         next_valid = tl.full([BLOCK_], 1, tl.int1)
@@ -78,8 +96,8 @@ def _transitions_kernel(
         lane = slot % lanes
         idx = tl.load(final_idx_ptr + slot, mask=mask, other=0)
         head = tl.load(fin_head_ptr + lane, mask=mask, other=0)
-        kept = ((flags & 4) != 0) & (head - idx <= final_rows)
-        succ = tl.where(is_last, total + (idx % final_rows) * lanes + lane, succ)
+        kept = ((flags & _HAS_FINAL) != 0) & (head - idx <= final_rows)  # layout.final_kept
+        succ = tl.where(is_last, total + (idx % final_rows) * lanes + lane, succ)  # layout.final_slot
         next_valid = (is_last == 0) | kept
     else:
         next_valid = is_last == 0
@@ -94,18 +112,20 @@ def _transitions_kernel(
     tl.store(masks_ptr + 5 * batch + item, next_valid.to(tl.int8), mask=mask)
 
 
-@triton.jit(do_not_specialize=["seed", "offset", "batch", "tries", "high", "base_row", "lanes",
-                                "total", "length"])
+@triton.jit(do_not_specialize=["seed", "batch", "tries", "rows", "lanes", "total", "length"])
 def _windows_kernel(
     slots_ptr, first_ptr, last_ptr, valid_ptr,     # outputs: [B, L] slots, [B, L] is_first/is_last, [B]
-    start_ptr, end_flags_ptr,                      # index
-    seed, offset, batch, tries, high, base_row, lanes, total, length,
+    start_ptr, end_flags_ptr, state_ptr,           # index, cursors
+    seed, batch, tries, rows, lanes, total, length,
     BLOCK_: tl.constexpr,
 ):
     """Pick admissible windows (as reference.window_ends) and lay out their slots and flags
     (as reference.windows)."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
+    live, oldest, offset = _live_span(state_ptr, rows)
+    high = (live - length + 1) * lanes
+    base_row = oldest + length - 1
     end_slot, end_row, found = _first_admissible(start_ptr, seed, offset, item, mask, tries, high,
                                                  base_row, lanes, total, length, BLOCK_)
     tl.store(valid_ptr + item, found.to(tl.int8), mask=mask)
@@ -120,10 +140,10 @@ def _windows_kernel(
         tl.store(last_ptr + out + j, last.to(tl.int8), mask=mask)
 
 
-def windows(start: torch.Tensor, end_flags: torch.Tensor, seed: int, offset: int, batch: int, tries: int,
-            oldest: int, live: int, length: int) -> dict:
-    """Admissible windows of ``length`` rows: ``slots``, ``is_first``, ``is_last`` [B, L] and
-    ``valid`` [B], in one launch."""
+def windows(start: torch.Tensor, end_flags: torch.Tensor, state: torch.Tensor, seed: int, batch: int,
+            tries: int, length: int) -> dict:
+    """Admissible windows of ``length`` rows among the live rows the cursors ``state`` give:
+    ``slots``, ``is_first``, ``is_last`` [B, L] and ``valid`` [B], in one launch."""
     rows, lanes = start.shape
     if start.dtype != torch.int64 or not start.is_contiguous():
         raise ValueError("start: expected a contiguous int64 tensor [T, N]")
@@ -134,8 +154,8 @@ def windows(start: torch.Tensor, end_flags: torch.Tensor, seed: int, offset: int
     valid = torch.empty(batch, dtype=torch.bool, device=device)
     grid = (triton.cdiv(batch, BLOCK),)
     _windows_kernel[grid](slots, first.view(torch.int8), last.view(torch.int8), valid.view(torch.int8),
-                          start, end_flags, seed, offset, batch, tries, (live - length + 1) * lanes,
-                          oldest + length - 1, lanes, rows * lanes, length, BLOCK_=BLOCK)
+                          start, end_flags, state, seed, batch, tries, rows, lanes, rows * lanes, length,
+                          BLOCK_=BLOCK)
     return {"slots": slots, "is_first": first, "is_last": last, "valid": valid}
 
 
@@ -143,9 +163,10 @@ MASKS = ("valid", "is_first", "is_last", "terminated", "truncated", "next_valid"
 
 
 def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.Tensor,
-                fin_head: torch.Tensor, seed: int, offset: int, batch: int, tries: int, oldest: int,
-                live: int, next_step: bool, final_rows: int) -> dict:
-    """Transitions whose successor row is written, and their links, in one launch.
+                fin_head: torch.Tensor, state: torch.Tensor, seed: int, batch: int, tries: int,
+                next_step: bool, final_rows: int) -> dict:
+    """Transitions whose successor row is written among the live rows the cursors ``state``
+    give, and their links, in one launch.
 
     Returns [B] ``slot``, ``row``, ``succ`` (into the extended next source, as
     reference.transition_links) and the bool masks ``valid``, ``is_first``, ``is_last``,
@@ -158,8 +179,8 @@ def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.T
     masks = torch.empty(len(MASKS), batch, dtype=torch.bool, device=device)
     grid = (triton.cdiv(batch, BLOCK),)
     _transitions_kernel[grid](
-        slots, row, masks.view(torch.int8), start, end_flags, final_idx, fin_head,
-        seed, offset, batch, tries, (live - 1) * lanes, oldest, lanes, rows * lanes, max(final_rows, 1),
+        slots, row, masks.view(torch.int8), start, end_flags, final_idx, fin_head, state,
+        seed, batch, tries, rows, lanes, rows * lanes, max(final_rows, 1),
         NEXT_STEP=next_step, HAS_FINAL=final_rows > 0, BLOCK_=BLOCK,
     )
     out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row}
@@ -167,17 +188,18 @@ def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.T
     return out
 
 
-@triton.jit(do_not_specialize=["seed", "offset", "batch", "size", "steps"])
+@triton.jit(do_not_specialize=["seed", "batch", "size", "steps"])
 def _episodes_kernel(
     slot_ptr, valid_ptr,                           # outputs [B]
-    cum_ptr,                                       # [C] inclusive count of eligible end slots
-    seed, offset, batch, size, steps,
+    cum_ptr, state_ptr,                            # [C] inclusive count of eligible end slots; cursors
+    seed, batch, size, steps,
     BLOCK_: tl.constexpr,
 ):
     """Rank-r eligible end slot for a uniform r, by binary search (as reference.episode_choice
     fed with philox_below draws)."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
+    offset = tl.load(state_ptr + _OFFSET)
     count = tl.load(cum_ptr + size - 1)
     r = _uniform_below(seed, offset + item.to(tl.int64), tl.zeros([], tl.float64) + count)
     r = tl.maximum(tl.minimum(r, count - 1), 0)
@@ -193,14 +215,15 @@ def _episodes_kernel(
     tl.store(valid_ptr + item, (tl.zeros([BLOCK_], tl.int64) + count > 0).to(tl.int8), mask=mask)
 
 
-def episode_ends(cum: torch.Tensor, seed: int, offset: int, batch: int):
-    """(end slot [B], valid [B]) of eligible episodes drawn uniformly, in O(log C) per item."""
+def episode_ends(cum: torch.Tensor, state: torch.Tensor, seed: int, batch: int):
+    """(end slot [B], valid [B]) of eligible episodes drawn uniformly, in O(log C) per item, at
+    the Philox offset the cursors ``state`` hold."""
     if cum.dtype != torch.int64 or cum.dim() != 1 or not cum.is_contiguous():
         raise ValueError("cum: expected a contiguous 1-d int64 tensor")
     size = cum.shape[0]
     slot = torch.empty(batch, dtype=torch.int64, device=cum.device)
     valid = torch.empty(batch, dtype=torch.bool, device=cum.device)
     grid = (triton.cdiv(batch, BLOCK),)
-    _episodes_kernel[grid](slot, valid.view(torch.int8), cum, seed, offset, batch, size,
+    _episodes_kernel[grid](slot, valid.view(torch.int8), cum, state, seed, batch, size,
                            max(1, size.bit_length()), BLOCK_=BLOCK)
     return slot, valid

@@ -16,11 +16,10 @@ import sys
 assert "TRITON_INTERPRET" not in os.environ, "run without TRITON_INTERPRET"
 
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from gpubuffers.kernels import episode_index, gather, sampling  # noqa: E402
+from gpubuffers.kernels import episode_index, finals, gather, sampling  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 
@@ -46,33 +45,43 @@ def variants(pointers, ints, flags, fixed):
 KERNELS = [
     ("add_step", episode_index._add_step_kernel,
      {"start_ptr": "*i64", "end_flags_ptr": "*u8", "ret_ptr": "*fp32", "ended_ptr": "*i8",
-      "done_ptr": "*i8", "flags_ptr": "*u8", "reward_ptr": "*fp32"},
-     {"row": "i32", "prev": "i32", "abs_row": "i64", "lanes": "i32"},
-     ["MARKS_LAST", "NEXT_STEP", "FIRST_ROW", "HAS_FLAGS", "HAS_REWARD"],
-     {"SENTINEL_": episode_index.SENTINEL, "BLOCK_": episode_index.BLOCK}),
+      "state_ptr": "*i64", "done_ptr": "*i8", "flags_ptr": "*u8", "reward_ptr": "*fp32"},
+     {"rows": "i32", "lanes": "i32"},
+     ["MARKS_LAST", "NEXT_STEP", "HAS_FLAGS", "HAS_REWARD"],
+     {"SENTINEL_": episode_index.SENTINEL, "ADDS": episode_index.STATE_ADDS, "BLOCK_": episode_index.BLOCK}),
     ("transitions", sampling._transitions_kernel,
      {"slots_ptr": "*i64", "row_ptr": "*i64", "masks_ptr": "*i8", "start_ptr": "*i64",
-      "end_flags_ptr": "*u8", "final_idx_ptr": "*i64", "fin_head_ptr": "*i64"},
-     {"seed": "i64", "offset": "i64", "batch": "i32", "tries": "i32", "high": "i64", "base_row": "i64",
-      "lanes": "i32", "total": "i64", "final_rows": "i32"},
+      "end_flags_ptr": "*u8", "final_idx_ptr": "*i64", "fin_head_ptr": "*i64", "state_ptr": "*i64"},
+     {"seed": "i64", "batch": "i32", "tries": "i32", "rows": "i32", "lanes": "i32", "total": "i64",
+      "final_rows": "i32"},
      ["NEXT_STEP", "HAS_FINAL"], {"BLOCK_": sampling.BLOCK}),
     ("windows", sampling._windows_kernel,
      {"slots_ptr": "*i64", "first_ptr": "*i8", "last_ptr": "*i8", "valid_ptr": "*i8", "start_ptr": "*i64",
-      "end_flags_ptr": "*u8"},
-     {"seed": "i64", "offset": "i64", "batch": "i32", "tries": "i32", "high": "i64", "base_row": "i64",
-      "lanes": "i32", "total": "i64", "length": "i32"},
+      "end_flags_ptr": "*u8", "state_ptr": "*i64"},
+     {"seed": "i64", "batch": "i32", "tries": "i32", "rows": "i32", "lanes": "i32", "total": "i64",
+      "length": "i32"},
      [], {"BLOCK_": sampling.BLOCK}),
     ("episodes", sampling._episodes_kernel,
-     {"slot_ptr": "*i64", "valid_ptr": "*i8", "cum_ptr": "*i64"},
-     {"seed": "i64", "offset": "i64", "batch": "i32", "size": "i64", "steps": "i32"},
+     {"slot_ptr": "*i64", "valid_ptr": "*i8", "cum_ptr": "*i64", "state_ptr": "*i64"},
+     {"seed": "i64", "batch": "i32", "size": "i64", "steps": "i32"},
      [], {"BLOCK_": sampling.BLOCK}),
-] + [
-    (f"gather word={size}", gather._gather_kernel,
-     {"dst_base": "i64", "src_tab": "*i64", "words_tab": "*i64", "dst_tab": "*i64", "set_tab": "*i64",
-      "slots_ptr": "*i64"},
-     {"n_items": "i32"}, [],
-     {"WORD": word, "WORD_BYTES": size, "BI": gather.BLOCK_ITEMS, "BW": gather.BLOCK_WORDS})
-    for size, word in ((8, tl.int64), (4, tl.int32), (2, tl.int16), (1, tl.int8))
+    # One kernel for every word width: each HAS_W* combination keeps the branches of the widths
+    # a plan uses (all off compiles too, as an empty copy).
+    ("gather", gather._gather_kernel,
+     {"dst_base": "i64", "src_tab": "*i64", "words_tab": "*i64", "word_tab": "*i64", "dst_tab": "*i64",
+      "set_tab": "*i64", "slots_ptr": "*i64"},
+     {"n_items": "i32"}, ["HAS_W8", "HAS_W4", "HAS_W2", "HAS_W1"],
+     {"BI": gather.BLOCK_ITEMS, "BW": gather.BLOCK_WORDS}),
+]
+
+# store_finals: one kernel per word size (its typed side/value pointers) and tile shape.
+KERNELS += [
+    (f"store_finals word={size} BL={bl} BW={bw}", finals._store_finals_kernel,
+     {"side_ptr": f"*i{8 * size}", "value_ptr": f"*i{8 * size}", "final_idx_ptr": "*i64",
+      "fin_head_ptr": "*i64", "state_ptr": "*i64", "ended_ptr": "*i8"},
+     {"rows": "i32", "lag": "i32", "lanes": "i32", "final_rows": "i32", "words": "i32"},
+     ["BOOKKEEP"], {"ADDS": finals.STATE_ADDS, "BL": bl, "BW": bw})
+    for size in (8, 4, 2, 1) for _, bl, bw in finals.TILES
 ]
 
 

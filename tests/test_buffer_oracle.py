@@ -3,6 +3,8 @@ both autoreset modes, with many wraps of the seam."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -86,7 +88,11 @@ def test_samples_match_oracle(scenario, mode, seed):
 @given(scenarios(lane_counts=(1, 3, 7), max_rows=6), st.sampled_from(MODES), st.integers(0, 2**31))
 def test_samples_match_oracle_triton_backend(scenario, mode, seed):
     # The whole buffer on the Triton kernels (interpreted on CPU): same invariants, same coverage.
+    # The oracle feeds CPU tensors; where CUDA is there instead of the interpreter, the kernels are
+    # checked on the GPU by test_kernels.py and test_cuda.py.
     pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors on the Triton backend need the interpreter (TRITON_INTERPRET=1)")
     check_samples(scenario, mode, seed, "triton")
 
 

@@ -9,6 +9,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 from gpubuffers import ReplayBuffer  # noqa: E402
+from test_graph_cursors import flat as _flat  # noqa: E402
 
 N = 1024
 
@@ -55,34 +56,69 @@ def test_no_host_sync_in_add_and_samplers(autoreset):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_add_and_sample_replay_in_a_cuda_graph():
-    eager = ReplayBuffer(64 * N, N, done_marks="last", seed=0)
-    graphed = ReplayBuffer(64 * N, N, done_marks="last", seed=0)
-    fill(eager, 80)
-    fill(graphed, 80)
-    g = torch.Generator(device="cuda").manual_seed(5)
-    step = {"obs": torch.randn(N, 16, generator=g, device="cuda"),
-            "action": torch.randn(N, 4, generator=g, device="cuda"),
-            "reward": torch.randn(N, generator=g, device="cuda"),
-            "info": {"row": torch.full((N,), 80, device="cuda")}}
-    done = torch.rand(N, generator=g, device="cuda") < 0.1
-    final = torch.randn(N, 16, generator=g, device="cuda")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_device_named_without_an_index(device):
+    # CUDA tensors report cuda:0: a buffer built on "cuda" must accept them.
+    buf = ReplayBuffer(64 * N, N, device=device, done_marks="last", seed=0)
+    assert buf.device == torch.device("cuda", torch.cuda.current_device())
+    fill(buf, 5)
+    assert buf.sample(8)["obs"].device == buf.device
 
-    # Warm up both alike (compiles the kernels, builds the gather plans outside the capture).
-    eager.sample(512)
-    graphed.sample(512)
+
+def static_inputs():
+    step = {"obs": torch.empty(N, 16, device="cuda"), "action": torch.empty(N, 4, device="cuda"),
+            "reward": torch.empty(N, device="cuda"),
+            "info": {"row": torch.empty(N, dtype=torch.int64, device="cuda")}}
+    return step, torch.empty(N, dtype=torch.bool, device="cuda"), torch.empty(N, dtype=torch.bool, device="cuda"), \
+        torch.empty(N, 16, device="cuda")
+
+
+def refill(inputs, k, g):
+    step, term, trunc, final = inputs
+    for t in (step["obs"], step["action"], step["reward"], final):
+        t.copy_(torch.randn(t.shape, generator=g, device="cuda"))
+    step["info"]["row"].fill_(1000 + k)
+    term.copy_(torch.rand(N, generator=g, device="cuda") < 0.05)
+    trunc.copy_(torch.rand(N, generator=g, device="cuda") < 0.05)
+
+
+@pytest.mark.parametrize("marks", ["first", "last"])
+def test_add_and_sample_replay_in_a_cuda_graph(marks):
+    # add + every sampler captured once and replayed K times equals K eager calls: every replay
+    # writes a new row (the cursors live on the device) and draws new samples.
+    K = 5
+    eager = ReplayBuffer(64 * N, N, done_marks=marks, seed=0)
+    graphed = ReplayBuffer(64 * N, N, done_marks=marks, seed=0)
+    fill(eager, 62)
+    fill(graphed, 62)  # the replays wrap the 64-row ring
+    inputs = static_inputs()
+
+    def call(buf):
+        step, term, trunc, final = inputs
+        buf.add(step, terminated=term, truncated=trunc, final_obs=final)
+        return (buf.sample(512), buf.sample_sequences(64, 8), buf.sample_episodes(8, max_rows=512),
+                buf.episode_stats(), buf.episode_stats(last_rows=4))
+
+    g_warm = torch.Generator(device="cuda").manual_seed(4)
+    refill(inputs, -1, g_warm)
+    call(eager), call(graphed)  # warm-up: compiles the kernels, builds the gather plans
     torch.cuda.synchronize()
-
-    eager.add(step, done, final_obs=final)
-    want = eager.sample(512)
     graph = torch.cuda.CUDAGraph()
+    g_in = torch.Generator(device="cuda").manual_seed(5)
+    refill(inputs, 0, g_in)
     with torch.cuda.graph(graph):
-        graphed.add(step, done, final_obs=final)
-        got = graphed.sample(512)
-    graph.replay()
-    torch.cuda.synchronize()
-    for key in ("index", "is_first", "is_last", "terminated", "truncated", "next_valid"):
-        assert torch.equal(got[key], want[key]), key
-    assert torch.equal(got["obs"], want["obs"]) and torch.equal(got["next"]["obs"], want["next"]["obs"])
-    for name in ("start", "end_flags", "ret"):
+        got = call(graphed)   # capture only: nothing runs yet
+    g_in = torch.Generator(device="cuda").manual_seed(5)
+    for k in range(K):
+        refill(inputs, k, g_in)
+        want = [t.clone() for t in _flat(call(eager))]
+        graph.replay()
+        torch.cuda.synchronize()
+        have = _flat(got)
+        assert len(have) == len(want)
+        for i, (a, b) in enumerate(zip(have, want)):
+            assert torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True)), (k, i)
+    for name in ("start", "end_flags", "ret", "final_idx", "fin_head", "state"):
         assert torch.equal(getattr(graphed.index, name), getattr(eager.index, name)), name
+    assert int(graphed.index.state[0]) == eager.num_adds
+

@@ -39,7 +39,14 @@ def build(lanes, rows, adds, marks_last, next_step, pattern="random", seed=0, wi
         done = done_at(pattern, t, lanes, g).to(DEVICE)
         flags = (1 + 2 * (torch.rand(lanes, generator=g) < 0.5)).to(torch.uint8).to(DEVICE) if with_flags else None
         reward = torch.randn(lanes, generator=g).to(DEVICE)
-        ref.add_step(ix, done, flags, reward, t, marks_last, next_step)
+        ref.add_step(ix, done, flags, reward, marks_last, next_step)
+        ref.advance(ix)
+    return ix
+
+
+def at_offset(ix, offset):
+    """Set the Philox cursor of the index's device state (the kernels read it there)."""
+    ix.state[ref.layout.STATE_OFFSET] = offset
     return ix
 
 
@@ -65,14 +72,15 @@ def test_add_step_matches_reference(lanes, marks_last, next_step, pattern):
         flags = None if t % 2 else (1 + 2 * (torch.rand(lanes, generator=g) < 0.5)).to(torch.uint8).to(DEVICE)
         reward = None if t == 3 else torch.randn(lanes, generator=g).to(DEVICE)
         done_in = done.clone()
-        e_want = ref.add_step(want, done, flags, reward, t, marks_last, next_step)
-        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, done, flags, reward, t,
+        e_want = ref.add_step(want, done, flags, reward, marks_last, next_step)
+        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, got.state, done, flags, reward,
                                        marks_last, next_step)
         assert torch.equal(done, done_in)  # inputs untouched
-        assert (e_want is None) == (e_got is None)
-        if e_want is not None:
-            assert_same(e_got, e_want, f"ended at add {t}")
-        for name in ("start", "end_flags", "ret"):
+        assert_same(e_got, e_want, f"ended at add {t}")
+        if t == 0 and not marks_last:
+            assert not e_got.any()  # the first add of first mode closes nothing
+        ref.advance(want), ref.advance(got)
+        for name in ("start", "end_flags", "ret", "state"):
             assert_same(getattr(got, name), getattr(want, name), f"{name} after add {t}")
 
 
@@ -87,9 +95,11 @@ def test_add_step_reads_strided_inputs():
         flags = torch.ones(lanes, 2, dtype=torch.uint8).to(DEVICE)[:, 1]
         reward = torch.randn(lanes, 2, generator=g).to(DEVICE)[:, 1]
         assert not reward.is_contiguous()
-        e_want = ref.add_step(want, done, flags, reward, t, True, False)
-        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, done, flags, reward, t, True, False)
+        e_want = ref.add_step(want, done, flags, reward, True, False)
+        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, got.state, done, flags, reward,
+                                       True, False)
         assert_same(e_got, e_want, "ended")
+        ref.advance(want), ref.advance(got)
         for name in ("start", "end_flags", "ret"):
             assert_same(getattr(got, name), getattr(want, name), name)
 
@@ -97,8 +107,11 @@ def test_add_step_reads_strided_inputs():
 def test_add_step_rejects_bad_layout():
     ix = ref.EpisodeIndex.empty(3, 4, torch.device(DEVICE))
     with pytest.raises(ValueError, match="done: expected bool"):
-        episode_index.add_step(ix.start, ix.end_flags, ix.ret, torch.zeros(4, device=DEVICE), None, None,
-                               0, True, False)
+        episode_index.add_step(ix.start, ix.end_flags, ix.ret, ix.state, torch.zeros(4, device=DEVICE), None,
+                               None, True, False)
+    with pytest.raises(ValueError, match="state: expected a 1-d int64 tensor"):
+        episode_index.add_step(ix.start, ix.end_flags, ix.ret, ix.state.int(), torch.zeros(4, dtype=torch.bool,
+                               device=DEVICE), None, None, True, False)
 
 
 def seam_cases(rows):
@@ -111,7 +124,7 @@ def with_finals(ix, lanes, rows, final_rows, seed):
     g = torch.Generator().manual_seed(seed)
     ix.final_idx.copy_(torch.randint(0, 3 * final_rows, (rows, lanes), generator=g))
     ix.fin_head.copy_(torch.randint(2 * final_rows, 4 * final_rows, (lanes,), generator=g))
-    with_bit = torch.rand(rows, lanes, generator=g) < 0.7
+    with_bit = (torch.rand(rows, lanes, generator=g) < 0.7).to(ix.end_flags.device)
     ix.end_flags.copy_(torch.where((ix.end_flags != 0) & with_bit, ix.end_flags | ref.HAS_FINAL, ix.end_flags))
 
 
@@ -132,8 +145,9 @@ def test_transition_sampler_matches_reference(lanes, marks_last, next_step, adds
     batch, tries, seed, offset = 257, (8 if next_step else 1), 1234 + adds, 77 * lanes
     proposals = ref.philox_below(seed, offset, (batch, tries), (live - 1) * lanes, ix.start.device)
     want = ref.transitions(ix, proposals, oldest, next_step, final_rows)
-    got = sampling.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, seed, offset, batch,
-                               tries, oldest, live, next_step, final_rows)
+    at_offset(ix, offset)
+    got = sampling.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, ix.state, seed, batch,
+                               tries, next_step, final_rows)
     for key in ("slot", "row", "succ", "is_first", "is_last", "terminated", "truncated", "next_valid"):
         assert_same(got[key], want[key], key)
     if next_step:
@@ -158,7 +172,7 @@ def test_window_sampler_matches_reference(lanes, marks_last, next_step, length, 
     batch, tries, seed, offset = 200, 16, 99, 12345678901
     proposals = ref.philox_below(seed, offset, (batch, tries), (live - length + 1) * lanes, ix.start.device)
     want = ref.windows(ix, proposals, oldest, length)
-    got = sampling.windows(ix.start, ix.end_flags, seed, offset, batch, tries, oldest, live, length)
+    got = sampling.windows(ix.start, ix.end_flags, at_offset(ix, offset).state, seed, batch, tries, length)
     for key in ("slots", "is_first", "is_last", "valid"):
         assert_same(got[key], want[key], key)
     if pattern == "all" and not next_step:  # one-step episodes: only single-row windows exist
@@ -172,15 +186,15 @@ def test_episode_sampler_matches_reference(lanes, marks_last, next_step, adds):
     rows = 6
     ix = build(lanes, rows, adds, marks_last, next_step, seed=adds)
     live = min(adds, rows)
-    cum = torch.cumsum(ref.whole_episode_ends(ix, adds - live, live), 0)
+    cum = torch.cumsum(ref.whole_episode_ends(ix), 0)
     batch, seed, offset = 300, 5 + adds, 2**33 + lanes
     draws = ref.philox_below(seed, offset, (batch,), cum[-1], cum.device)
     want = ref.episode_choice(cum, draws)
-    got = sampling.episode_ends(cum, seed, offset, batch)
+    got = sampling.episode_ends(cum, at_offset(ix, offset).state, seed, batch)
     assert_same(got[0], want[0], "end slot")
     assert_same(got[1], want[1], "valid")
     if bool(want[1][0]):
-        eligible = ref.whole_episode_ends(ix, adds - live, live)
+        eligible = ref.whole_episode_ends(ix)
         assert eligible[got[0]].all()  # every draw is the end of a whole, finished episode
 
 
@@ -192,8 +206,10 @@ def test_philox_reference_matches_triton_stream():
         i = tl.arange(0, BLOCK)
         a, b, c, d = tl.randint4x(seed, offset + i.to(tl.int64))
         m = i < n
-        for j, w in enumerate((a, b, c, d)):
-            tl.store(out_ptr + i * 4 + j, w.to(tl.int64) & 0xFFFFFFFF, mask=m)
+        tl.store(out_ptr + i * 4 + 0, a.to(tl.int64) & 0xFFFFFFFF, mask=m)
+        tl.store(out_ptr + i * 4 + 1, b.to(tl.int64) & 0xFFFFFFFF, mask=m)
+        tl.store(out_ptr + i * 4 + 2, c.to(tl.int64) & 0xFFFFFFFF, mask=m)
+        tl.store(out_ptr + i * 4 + 3, d.to(tl.int64) & 0xFFFFFFFF, mask=m)
 
     for seed, offset in [(0, 0), (7, 2**32 - 3), (2**61 + 5, 2**45)]:
         out = torch.zeros(64, 4, dtype=torch.int64, device=DEVICE)
@@ -241,6 +257,68 @@ def test_gather_matches_reference(n_items):
         assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous()
         assert_same(a, b, f"entry {i}")
     assert all(torch.equal(a, b) for a, b in zip(sources, before))  # sources untouched
+
+
+def mixed_sources(rows_total, g):
+    """Leaves whose rows want different word sizes: bool [] (1 byte), uint8 [3, 5] (15 bytes),
+    float32 [64] (256), int64 [2] (16), float16 [3] (6), uint16 [1] (2)."""
+    return [
+        torch.randint(0, 2, (rows_total,), generator=g).bool(),
+        torch.randint(0, 256, (rows_total, 3, 5), generator=g).to(torch.uint8),
+        torch.randn(rows_total, 64, generator=g),
+        torch.randint(-2**62, 2**62, (rows_total, 2), generator=g),
+        torch.randn(rows_total, 3, generator=g).to(torch.float16),
+        torch.randint(0, 2**16, (rows_total, 1), generator=g).to(torch.uint16),
+    ]
+
+
+def check_gather(entries, slot_sets):
+    """Runs one plan over entries and checks every output against the reference, exactly."""
+    want = ref.gather(entries, slot_sets)
+    plan = gather_kernel.make_plan(entries)
+    got = gather_kernel.gather(plan, torch.stack(slot_sets))
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.is_contiguous()
+        assert_same(a, b, f"entry {i} ({b.dtype}{list(b.shape[1:])}, {plan.word_bytes[i]}-byte words)")
+    return plan
+
+
+@pytest.mark.parametrize("n_items", [1, 33, 100])
+def test_gather_mixed_word_sizes_matches_reference(n_items):
+    # One plan whose entries each move in their own word size; a bool leaf among them must not
+    # change what (or how) the float32 and int64 leaves copy.
+    g = torch.Generator().manual_seed(1000 + n_items)
+    rows_total = 61
+    sources = [s.to(DEVICE) for s in mixed_sources(rows_total, g)]
+    entries = [(s, 0) for s in sources] + [(s, 1) for s in sources]
+    slots = torch.randint(0, rows_total, (n_items,), generator=g).to(DEVICE)
+    check_gather(entries, (slots, (slots + 7) % rows_total))
+
+
+def test_gather_plan_word_size_per_entry():
+    sources = [s.to(DEVICE) for s in mixed_sources(5, torch.Generator().manual_seed(0))]
+    plan = gather_kernel.make_plan([(s, 0) for s in sources])
+    # bool, uint8 [3, 5], float32 [64], int64 [2], float16 [3] (6 bytes), uint16 [1]
+    assert plan.word_bytes == [1, 1, 8, 8, 2, 2]
+    assert plan.word_tab.tolist() == plan.word_bytes
+    assert plan.words.tolist() == [1, 15, 32, 2, 3, 1]
+
+
+def test_gather_misaligned_source_uses_smaller_word():
+    # A float32 [16] source viewed 4 bytes into its buffer: 64-byte rows, but only 4-byte
+    # aligned, so it must move in 4-byte words; an int16 [2] one 2 bytes in moves in 2-byte words.
+    g = torch.Generator().manual_seed(5)
+    rows_total = 23
+    raw = torch.randn(rows_total * 16 + 1, generator=g).to(DEVICE)
+    shifted = raw[1:].view(rows_total, 16)
+    raw16 = torch.randint(-2**15, 2**15, (rows_total * 2 + 1,), generator=g).to(torch.int16).to(DEVICE)
+    shifted16 = raw16[1:].view(rows_total, 2)
+    assert shifted.data_ptr() % 8 == 4 and shifted16.data_ptr() % 4 == 2
+    aligned = torch.randn(rows_total, 16, generator=g).to(DEVICE)
+    slots = torch.randint(0, rows_total, (40,), generator=g).to(DEVICE)
+    plan = check_gather([(shifted, 0), (shifted16, 0), (aligned, 1)], (slots, (slots + 1) % rows_total))
+    assert plan.word_bytes == [4, 2, 8]
 
 
 def test_gather_plan_rejects_non_contiguous_sources():

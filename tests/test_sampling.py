@@ -142,7 +142,7 @@ def test_single_environment():
 
 
 def test_single_env_done_as_tensor_and_numpy_leaves():
-    buf = ReplayBuffer(10, seed=0)
+    buf = ReplayBuffer(10, seed=0, reward_key=None)
     buf.add({"obs": np.zeros(3, dtype=np.float32)}, torch.tensor(False))
     buf.add({"obs": np.ones(3, dtype=np.float32)}, np.bool_(True))
     assert buf.storage["obs"].shape == (10, 1, 3)
@@ -152,7 +152,7 @@ def test_single_env_done_as_tensor_and_numpy_leaves():
 def test_nested_leaves_dtypes_and_tensordict():
     tensordict = pytest.importorskip("tensordict")
     n = 5
-    buf = ReplayBuffer(40, n, seed=0, done_marks="last")
+    buf = ReplayBuffer(40, n, seed=0, done_marks="last", reward_key=None)
     for t in range(6):
         td = tensordict.TensorDict({
             "obs": {"policy": torch.full((n, 4), float(t)),
@@ -185,7 +185,7 @@ def test_capacity_rounds_down_to_whole_rows():
 def test_final_obs_dropped_from_small_side_table_is_reported():
     # Every lane ends an episode on every row; the side table keeps only the newest 4 finals.
     n = 2
-    buf = ReplayBuffer(20, n, done_marks="last", final_obs_capacity=4, seed=0)
+    buf = ReplayBuffer(20, n, done_marks="last", final_obs_capacity=4, seed=0, reward_key=None)
     for t in range(10):
         buf.add({"obs": torch.full((n, 1), float(t))}, torch.ones(n, dtype=torch.bool),
                 final_obs=torch.full((n, 1), 100.0 + t))
@@ -199,7 +199,7 @@ def test_final_obs_dropped_from_small_side_table_is_reported():
 
 def test_missing_final_obs_marks_successor_unknown():
     n = 3
-    buf = ReplayBuffer(30, n, done_marks="last", seed=0)
+    buf = ReplayBuffer(30, n, done_marks="last", seed=0, reward_key=None)
     for t in range(8):
         buf.add({"obs": torch.full((n, 1), float(t))}, torch.full((n,), t == 3))
     s = buf.sample(300)
@@ -240,3 +240,38 @@ def test_episodes_that_do_not_fit_max_rows_are_dropped_whole():
     assert torch.equal(cu[1:] - cu[:-1], e["length"])
     assert torch.equal(e["valid"], e["length"] > 0)
     assert int(e["mask"].sum()) == int(e["num_rows"])
+
+
+def test_episode_rows_default_fits_the_stored_episodes():
+    # A single environment of 2**17 slots, episodes of 3..40 rows: the default row budget is
+    # B times the longest stored episode rounded up to a power of two (16 * 64), not B * T.
+    buf = ReplayBuffer(2**17, seed=0, done_marks="last")
+    lengths = [3, 40, 7, 12, 25] * 20
+    t = 0
+    for length in lengths:
+        for i in range(length):
+            buf.add({"obs": torch.tensor([float(t)]), "reward": torch.tensor(1.0)}, i == length - 1)
+            t += 1
+    e = buf.sample_episodes(16)
+    assert e["mask"].shape == (16 * 64,) and e["obs"].shape == (16 * 64, 1)
+    assert e["valid"].all()                                   # nothing dropped
+    assert set(e["length"].tolist()) <= set(lengths)
+    # The shape stays fixed while no longer episode arrives, grows when one does, never shrinks.
+    buf.add({"obs": torch.tensor([0.0]), "reward": torch.tensor(1.0)}, True)
+    assert buf.sample_episodes(16)["mask"].shape == (16 * 64,)
+    for i in range(100):
+        buf.add({"obs": torch.tensor([0.0]), "reward": torch.tensor(1.0)}, i == 99)
+    assert buf.sample_episodes(16)["mask"].shape == (16 * 128,)
+    assert buf.sample_episodes(4)["valid"].all()
+
+
+def test_tight_row_budget_keeps_draws_in_order_until_the_first_that_does_not_fit():
+    buf, _ = random_run(adds=90, marks="last")
+    for seed_budget in (5, 11, 30, 64):
+        e = buf.sample_episodes(40, max_rows=seed_budget)
+        valid = e["valid"].tolist()
+        # Kept episodes are a prefix of the draws; the first that does not fit ends it.
+        k = valid.index(False) if False in valid else len(valid)
+        assert valid == [True] * k + [False] * (len(valid) - k)
+        assert int(e["length"].sum()) <= seed_budget
+        assert int(e["num_rows"]) == int(e["length"].sum())

@@ -134,6 +134,12 @@ def test_next_keys_must_be_leaves():
     (dict(capacity=8, autoreset="never"), ValueError, "autoreset: expected one of"),
     (dict(capacity=8, next_keys="obs"), TypeError, "next_keys: expected a sequence of leaf names"),
     (dict(capacity=8, seed=1.5), TypeError, "seed: expected an int or None, got float"),
+    (dict(capacity=8, seed=2**63), ValueError, "seed: expected an int in [-2**63, 2**63) (int64), got 9223372036854775808"),
+    (dict(capacity=8, seed=-2**63 - 1), ValueError, "seed: expected an int in [-2**63, 2**63)"),
+    (dict(capacity=8, next_keys=None), TypeError, "next_keys: expected a sequence of leaf names (() for none), got None"),
+    (dict(capacity=8, next_keys=("obs", "")), TypeError, "next_keys: expected a sequence of leaf names"),
+    (dict(capacity=8, reward_key=3), TypeError, "reward_key: expected a leaf name or None, got 3"),
+    (dict(capacity=8, backend="cuda"), ValueError, "backend: expected one of ('torch', 'triton') or None, got 'cuda'"),
 ])
 def test_bad_construction(kwargs, err, msg):
     with pytest.raises(err) as info:
@@ -165,6 +171,9 @@ def test_sampling_an_empty_buffer():
     (lambda b: b.sample_sequences(4, 0), ValueError, "length: expected a positive int, got 0"),
     (lambda b: b.sample_episodes(0), ValueError, "batch_size: expected a positive int"),
     (lambda b: b.sample_episodes(2, max_rows=0), ValueError, "max_rows: expected a positive int, got 0"),
+    (lambda b: b.sample(10**12), ValueError, "batch_size: expected a positive int of at most 2147483647, got 1000000000000"),
+    (lambda b: b.sample_sequences(10**12, 2), ValueError, "batch_size: expected a positive int of at most 2147483647"),
+    (lambda b: b.sample_episodes(10**12), ValueError, "batch_size: expected a positive int of at most 2147483647"),
 ])
 def test_bad_sampling_arguments(buf, call, err, msg):
     before = snapshot(buf)
@@ -172,3 +181,24 @@ def test_bad_sampling_arguments(buf, call, err, msg):
         call(buf)
     assert msg in str(info.value)
     assert_same(before, snapshot(buf))
+
+
+@pytest.mark.parametrize("seed", [-2**63, 2**63 - 1, -1])
+def test_seeds_at_the_int64_bounds_work(seed):
+    b = ReplayBuffer(8 * N, N, seed=seed)
+    for t in range(3):
+        b.add(step(t), torch.zeros(N, dtype=torch.bool))
+    b.sample(4), b.sample_sequences(2, 2)
+
+
+def test_seed_none_leaves_the_global_stream_alone():
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    a, b = ReplayBuffer(8 * N, N), ReplayBuffer(8 * N, N)
+    for buf in (a, b):
+        for t in range(3):
+            buf.add(step(t), torch.zeros(N, dtype=torch.bool))
+        buf.sample(8)
+    assert torch.equal(torch.rand(4), want)
+    assert a._seed != b._seed  # fresh seeds differ

@@ -1,0 +1,67 @@
+"""The one place for slot and side-table arithmetic, the end-flag bits and the reset sentinel.
+
+Terms: T rows per lane, N lanes. Absolute row ``a`` (the add number) of lane ``n`` lives at ring
+slot ``(a % T) * N + n`` of every ``[T, N, ...]`` ring, viewed flat as ``[T * N, ...]``.
+
+Under ``autoreset="same_step"`` each next leaf's final-observation side table follows its ring in
+the same allocation: ``final_rows`` rows per lane plus one scratch row, so a successor (the next
+row's slot inside an episode, or the side-table row of the episode's final obs at its end)
+addresses one extended source of ``(T + final_rows + 1) * N`` slots.
+
+The reference (pure torch) and the Triton kernels read these numbers from here.
+"""
+
+from __future__ import annotations
+
+#: ``start`` of a reset row (``autoreset="next_step"``): larger than any row, so no window can
+#: contain it and no episode owns it.
+SENTINEL = 1 << 60
+
+# Bits of ``end_flags`` at the last slot of an episode; 0 elsewhere.
+ENDED = 1       #: the slot ends its episode
+TRUNCATED = 2   #: ... by truncation (a time limit), not termination
+HAS_FINAL = 4   #: ... and the episode's final observation was stored in the side table
+
+
+def final_rows(final_obs_capacity: int | None, capacity: int, lanes: int) -> int:
+    """Side-table rows per lane: ``ceil(final_obs_capacity / N)`` (default ``capacity // 8``),
+    at least 2."""
+    return max(2, -(-(final_obs_capacity or capacity // 8) // lanes))
+
+
+def next_source_rows(rows: int, final_rows: int, same_step: bool) -> int:
+    """Rows per lane of a next leaf's extended source: the ring, then (``same_step`` only) the
+    side table and its scratch row."""
+    return rows + (final_rows + 1 if same_step else 0)
+
+
+def scratch_row(final_rows: int) -> int:
+    """The side-table row that absorbs the writes of lanes whose episode did not end."""
+    return final_rows
+
+
+def final_slot(total: int, final_idx, lane, final_rows: int, lanes: int):
+    """Extended-source slot of the final obs stored as the lane's ``final_idx``-th: side-table
+    row ``final_idx % final_rows``, after the ``total = T * N`` ring slots. Works on ints and
+    tensors alike (the kernels inline the same expression)."""
+    return total + (final_idx % final_rows) * lanes + lane
+
+
+def final_kept(fin_head, final_idx, final_rows: int):
+    """Whether the lane's ``final_idx``-th final obs is still in its side table, the lane having
+    stored ``fin_head`` so far."""
+    return fin_head - final_idx <= final_rows
+
+
+# The cursors a CUDA graph must see advance live in a small int64 device tensor, ``state``, kept
+# with the episode index and advanced by the ops themselves; host copies are for checks only.
+STATE_ADDS = 0    #: rows added so far: the absolute row of the next add
+STATE_OFFSET = 1  #: the Philox counter offset of the next in-kernel draw
+STATE_SIZE = 2
+
+
+def cursors(adds, rows: int):
+    """(ring row of the next add, ring row of the newest row, live rows, oldest absolute row) for
+    ``adds`` rows added so far; ints or int64 tensors alike (the kernels inline the same)."""
+    live = adds.clamp(max=rows) if hasattr(adds, "clamp") else min(adds, rows)
+    return adds % rows, (adds + rows - 1) % rows, live, adds - live

@@ -1,0 +1,156 @@
+"""Episode index (pure torch): the per-slot table the buffer updates once per add, in O(N).
+
+The reference of :mod:`gpubuffers.kernels.episode_index`. Functions here know nothing of the
+buffer object; they never import triton, never read a device value on the host and never branch
+in Python on tensor contents, so the same code runs on CUDA tensors without a host sync.
+
+The index is per slot and written once per add, a row at a time: everything the samplers need is
+read from the slot itself or from the previous row, which is always live (T >= 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layout import SENTINEL, STATE_ADDS, STATE_SIZE, cursors
+
+
+@dataclass
+class EpisodeIndex:
+    """Device episode index for T rows and N lanes, updated once per add in O(N) work.
+
+    start: [T, N] int64, absolute row at which the episode holding the slot began (written
+        with the slot, never rewritten); ``SENTINEL`` for reset rows.
+    end_flags: [T, N] uint8, at the last slot of an episode once its end is known:
+        ``ENDED | TRUNCATED (if truncated) | HAS_FINAL (if its final obs was stored)``, else 0.
+        The episode's length is the slot's row minus its ``start``, plus one.
+    ret: [T, N] float32, return of the slot's episode from its first row through this row.
+    final_idx: [T, N] int64, at an end slot whose final obs was stored: the lane's final-obs
+        counter when it was stored (its side-table row is ``final_idx % K``).
+    fin_head: [N] int64, final observations stored per lane since construction.
+    state: [STATE_SIZE] int64, the cursors (:mod:`gpubuffers.layout`): rows added, Philox offset.
+        Every op reads the ring rows it needs from here, never from host integers, so a CUDA
+        graph of ``add`` + ``sample`` replays onto new rows with new draws.
+    zeros: 0-d uint8 and float32 zeros, kept to avoid allocating them on every add.
+    """
+
+    start: torch.Tensor
+    end_flags: torch.Tensor
+    ret: torch.Tensor
+    final_idx: torch.Tensor
+    fin_head: torch.Tensor
+    state: torch.Tensor
+    zeros: tuple[torch.Tensor, torch.Tensor]
+
+    @classmethod
+    def empty(cls, rows: int, lanes: int, device: torch.device) -> "EpisodeIndex":
+        i64 = dict(dtype=torch.int64, device=device)
+        return cls(
+            start=torch.full((rows, lanes), SENTINEL, **i64),
+            end_flags=torch.zeros((rows, lanes), dtype=torch.uint8, device=device),
+            ret=torch.zeros((rows, lanes), dtype=torch.float32, device=device),
+            final_idx=torch.zeros((rows, lanes), **i64),
+            fin_head=torch.zeros(lanes, **i64),
+            state=torch.zeros(STATE_SIZE, **i64),
+            zeros=(torch.zeros((), dtype=torch.uint8, device=device),
+                   torch.zeros((), dtype=torch.float32, device=device)),
+        )
+
+    @property
+    def rows(self) -> int:
+        return self.start.shape[0]
+
+    @property
+    def lanes(self) -> int:
+        return self.start.shape[1]
+
+
+def rows_of(ix: EpisodeIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[1] int64 ring rows from the cursors: (row the next add writes, newest row, adds so far)."""
+    adds = ix.state[STATE_ADDS:STATE_ADDS + 1]
+    row, prev, _, _ = cursors(adds, ix.rows)
+    return row, prev, adds
+
+
+def add_step(ix: EpisodeIndex, done: torch.Tensor, flags: torch.Tensor | None,
+             reward: torch.Tensor | None, marks_last: bool, next_step: bool) -> torch.Tensor:
+    """Update the episode index for the row the next add writes (``state[STATE_ADDS]``; the
+    caller advances the cursor once the add's other ops have run, see :func:`advance`).
+
+    done: [N] bool, the flags of this add (``marks_last``: the row ends its episode; otherwise
+        the row follows the end of an episode).
+    flags: [N] uint8 ``end_flags`` of episodes ending with this add (ENDED set), or None
+        for plain terminations without a stored final obs.
+    reward: [N] float32 rewards of this row, or None when returns are not tracked.
+    Returns [N] bool, the lanes whose episode ended with this add (at the new row when
+    ``marks_last``, else at the row before it; none on the very first add of first mode).
+    """
+    row, prev, adds = rows_of(ix)
+    first = adds == 0  # [1]: the first row of every lane starts an episode
+    prev_start = ix.start.index_select(0, prev)[0]
+    prev_ret = ix.ret.index_select(0, prev)[0]
+    none = torch.zeros_like(done)
+    if marks_last:
+        prev_ended = (ix.end_flags.index_select(0, prev)[0] != 0) & ~first
+        is_reset = prev_ended if next_step else none
+        starts = ((prev_start == SENTINEL) if next_step else prev_ended) | first
+        ended = done & ~is_reset
+    else:
+        if next_step:
+            ended = done & (prev_start != SENTINEL) & ~first  # a flag right after a reset row ends nothing
+            is_reset, starts = ended, (prev_start == SENTINEL) | first
+        else:
+            ended, is_reset, starts = done & ~first, none, done | first
+        # The flag closes the episode of the previous row.
+        ix.end_flags.index_copy_(0, prev, _end_flags(ix, ended, flags)[None])
+    start = torch.where(starts, adds, prev_start).masked_fill_(is_reset, SENTINEL)
+    if reward is None:
+        ret = torch.where(starts, ix.zeros[1], prev_ret)
+    else:
+        ret = torch.where(starts, reward, prev_ret + reward)
+    ix.start.index_copy_(0, row, start[None])
+    ix.ret.index_copy_(0, row, ret.masked_fill_(is_reset, 0.0)[None])
+    here = _end_flags(ix, ended, flags) if marks_last else torch.zeros_like(ix.end_flags[0])
+    ix.end_flags.index_copy_(0, row, here[None])
+    return ended
+
+
+def _end_flags(ix: EpisodeIndex, ended: torch.Tensor, flags: torch.Tensor | None) -> torch.Tensor:
+    """[N] uint8 end flags of a row whose ``ended`` lanes close their episode; ``flags`` describes
+    them (with the ENDED bit), None meaning plain terminations."""
+    if flags is None:
+        return ended.to(torch.uint8)
+    return torch.where(ended, flags, ix.zeros[0])
+
+
+def advance(ix: EpisodeIndex) -> None:
+    """Count the add whose ops have all run: the next add writes the next row."""
+    ix.state[STATE_ADDS:STATE_ADDS + 1].add_(1)
+
+
+def record_ends(ix: EpisodeIndex, stats: torch.Tensor, totals: torch.Tensor, ended: torch.Tensor,
+                marks_last: bool) -> None:
+    """Keep per-row sums of the episodes that end on each live row, and their total.
+
+    stats: [T, 3] float64, per ring row: episodes ended there, the sum of their lengths, the sum
+        of their returns; totals: [3] float64, the same summed over live rows.
+    ended: [N] bool, lanes whose episode ended with this add (as :func:`add_step` returns them,
+        before :func:`advance`): at the new row when ``marks_last``, else at the row before it.
+    The row this add overwrites leaves the live rows first, with its old sums. Counts and lengths
+    are integers, exact in float64 below 2**53.
+    """
+    row, prev, adds = rows_of(ix)
+    totals.sub_(stats.index_select(0, row)[0])
+    end_row, end_abs = (row, adds) if marks_last else (prev, adds - 1)
+    start = ix.start.index_select(0, end_row)[0]
+    ret = ix.ret.index_select(0, end_row)[0]
+    # where, not a product: a lane that did not end may hold an inf return or a reset row's start.
+    lengths = torch.where(ended, end_abs + 1 - start, 0).sum()
+    returns = torch.where(ended, ret, 0.0).sum(dtype=torch.float64)
+    new = torch.stack([ended.sum().double(), lengths.double(), returns])
+    if not marks_last:
+        stats.index_fill_(0, row, 0.0)  # the overwritten row ends nothing yet
+    stats.index_copy_(0, end_row, new[None])
+    totals.add_(new)
