@@ -60,7 +60,7 @@ def main() -> None:
             ops, ix = buf._ops, buf.index
             if op == "add_step":
                 # The index update of one add, then the cursor moves on (as add does).
-                fns[b] = (lambda ops=ops, ix=ix: (ops.add_step(ix, done, None, reward, True, False),
+                fns[b] = (lambda ops=ops, ix=ix: (ops.add_step(ix, done, None, None, False, reward, True, False),
                                                   ops.advance(ix)))
             elif op == "transitions":
                 fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_transitions(

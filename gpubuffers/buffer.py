@@ -9,7 +9,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import torch
 
 from . import layout, ops
-from .layout import ENDED, HAS_FINAL, STATE_ADDS, TRUNCATED
+from .layout import STATE_ADDS, TRUNCATED
 from .reference import EpisodeIndex, take
 from .specs import (RESERVED_KEYS, LeafSpec, as_tensor, carrier, check_leaf, check_mask, flatten,
                     resolve_device, storable, unflatten)
@@ -48,9 +48,10 @@ def _fresh_seed() -> int:
 class _Step(NamedTuple):
     """One add, checked and converted: what the commit writes, and cannot fail on."""
 
-    flat: dict[str, torch.Tensor]         # leaf path -> [N, *shape] (or [*shape]), detached
-    done: torch.Tensor                    # [N] bool
-    flags: torch.Tensor | None            # [N] uint8 end flags of the episodes done closes
+    flat: dict[str, torch.Tensor]         # leaf path -> [1 or N, *shape], detached
+    done: torch.Tensor | None             # [N] bool, or None: terminated | truncated
+    terminated: torch.Tensor | None       # [N] bool
+    truncated: torch.Tensor | None        # [N] bool
     reward: torch.Tensor | None           # [N] float32
     finals: dict[str, torch.Tensor] | None  # next leaf path -> [N, *shape]
     layout: dict[str, Any] | None         # the storage allocated by the first add
@@ -326,20 +327,9 @@ class ReplayBuffer:
         lanes = (self._lanes,)
         if self._single:
             flat = {p: v.reshape(1, *specs[p].shape) for p, v in flat.items()}
-        if done is None:
-            done = terminated if truncated is None else terminated | truncated
-        done = done.reshape(lanes)
-        if truncated is not None:
-            truncated = truncated.reshape(lanes)
-            if terminated is not None:
-                truncated = truncated & ~terminated.reshape(lanes)  # termination takes precedence
-        if truncated is None and finals is None:
-            flags = None
-        else:
-            flags = torch.full(lanes, ENDED | (HAS_FINAL if finals is not None else 0),
-                               dtype=torch.uint8, device=device)
-            if truncated is not None:
-                flags.add_(truncated, alpha=TRUNCATED)
+        # The end flags are composed by add_step (termination takes precedence over truncation).
+        done, terminated, truncated = (None if t is None else t.reshape(lanes)
+                                       for t in (done, terminated, truncated))
         reward = None
         if reward_leaf is not None:
             reward = flat[reward_leaf].reshape(lanes)
@@ -348,7 +338,7 @@ class ReplayBuffer:
         if finals is not None:
             finals = {k: v.detach().reshape(self._lanes, *specs[k].shape) for k, v in finals.items()}
         new_layout = self._allocate(specs, device) if self._specs is None else None
-        return _Step(flat, done, flags, reward, finals, new_layout)
+        return _Step(flat, done, terminated, truncated, reward, finals, new_layout)
 
     def _commit(self, st: _Step) -> None:
         """Write a prepared add: storage row, episode index, side table, statistics, cursors.
@@ -360,7 +350,8 @@ class ReplayBuffer:
         row = ix.state[STATE_ADDS:STATE_ADDS + 1] % self._rows
         for p, v in st.flat.items():
             carrier(self._storage[p]).index_copy_(0, row, carrier(v)[None])
-        ended = ops_.add_step(ix, st.done, st.flags, st.reward, self._marks_last, self._next_step)
+        ended = ops_.add_step(ix, st.done, st.terminated, st.truncated, st.finals is not None, st.reward,
+                              self._marks_last, self._next_step)
         ops_.record_ends(ix, self._row_stats, self._stat_totals, ended, self._marks_last)
         if st.finals is not None:
             leaves = list(st.finals)

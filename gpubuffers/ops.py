@@ -71,7 +71,7 @@ OPS = ("add_step", "record_ends", "store_finals", "advance", "sample_transitions
 
 #: The ops that stay pure torch on the Triton backend (sync-free on CUDA, and graph-safe: they
 #: read the cursors from the device): small reductions and index arithmetic.
-TORCH_ON_TRITON = ("record_ends", "advance", "whole_episode_ends", "pack_episodes")
+TORCH_ON_TRITON = ("advance", "whole_episode_ends", "pack_episodes")
 
 
 class TritonOps:
@@ -80,7 +80,6 @@ class TritonOps:
     launchers. Every op is defined here by name: there is no silent fallback."""
 
     name = "triton"
-    record_ends = staticmethod(reference.record_ends)
     advance = staticmethod(reference.advance)
     whole_episode_ends = staticmethod(reference.whole_episode_ends)
     pack_episodes = staticmethod(reference.pack_episodes)
@@ -94,9 +93,12 @@ class TritonOps:
         self._gather = gather
         self._plans: dict = {}
 
-    def add_step(self, ix, done, flags, reward, marks_last, next_step):
-        return self._episode_index.add_step(ix.start, ix.end_flags, ix.ret, ix.state, done, flags,
-                                            reward, marks_last, next_step)
+    def add_step(self, ix, done, terminated, truncated, has_final, reward, marks_last, next_step):
+        return self._episode_index.add_step(ix.start, ix.end_flags, ix.ret, ix.state, done, terminated,
+                                            truncated, has_final, reward, marks_last, next_step)
+
+    def record_ends(self, ix, stats, totals, ended, marks_last):
+        self._episode_index.record_ends(stats, totals, ix.start, ix.ret, ended, ix.state, marks_last)
 
     def store_finals(self, ix, ended, marks_last, final_rows, sides, values):
         self._finals.store_finals(ix.final_idx, ix.fin_head, ix.state, ended, marks_last, final_rows,

@@ -37,9 +37,9 @@ def build(lanes, rows, adds, marks_last, next_step, pattern="random", seed=0, wi
     ix = ref.EpisodeIndex.empty(rows, lanes, torch.device(DEVICE))
     for t in range(adds):
         done = done_at(pattern, t, lanes, g).to(DEVICE)
-        flags = (1 + 2 * (torch.rand(lanes, generator=g) < 0.5)).to(torch.uint8).to(DEVICE) if with_flags else None
+        trunc = (torch.rand(lanes, generator=g) < 0.5).to(DEVICE) if with_flags else None
         reward = torch.randn(lanes, generator=g).to(DEVICE)
-        ref.add_step(ix, done, flags, reward, marks_last, next_step)
+        ref.add_step(ix, done, None, trunc, False, reward, marks_last, next_step)
         ref.advance(ix)
     return ix
 
@@ -69,11 +69,16 @@ def test_add_step_matches_reference(lanes, marks_last, next_step, pattern):
     got = copy.deepcopy(want)
     for t in range(adds):
         done = done_at(pattern, t, lanes, g).to(DEVICE)
-        flags = None if t % 2 else (1 + 2 * (torch.rand(lanes, generator=g) < 0.5)).to(torch.uint8).to(DEVICE)
+        term = (torch.rand(lanes, generator=g) < 0.5).to(DEVICE)
+        trunc = (torch.rand(lanes, generator=g) < 0.5).to(DEVICE)
+        # Every way an add states its ends: done alone; done with truncated (and a stored final
+        # obs); terminated and truncated alone (done derived, termination winning where both).
+        flags = [(done, None, None, False), (done, None, trunc, True), (None, done & term, done & trunc, t % 2 == 0),
+                 (done, term, trunc, False)][t % 4]
         reward = None if t == 3 else torch.randn(lanes, generator=g).to(DEVICE)
         done_in = done.clone()
-        e_want = ref.add_step(want, done, flags, reward, marks_last, next_step)
-        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, got.state, done, flags, reward,
+        e_want = ref.add_step(want, *flags, reward, marks_last, next_step)
+        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, got.state, *flags, reward,
                                        marks_last, next_step)
         assert torch.equal(done, done_in)  # inputs untouched
         assert_same(e_got, e_want, f"ended at add {t}")
@@ -84,6 +89,29 @@ def test_add_step_matches_reference(lanes, marks_last, next_step, pattern):
             assert_same(getattr(got, name), getattr(want, name), f"{name} after add {t}")
 
 
+# N = 1, 7, 1023, 4097 (a loop of five blocks in the one program); rows = 3 wraps every 3 adds.
+@pytest.mark.parametrize("lanes", [1, 7, 1023, 4097])
+@pytest.mark.parametrize("marks_last,next_step", MODES)
+@pytest.mark.parametrize("pattern", DONE_PATTERNS)
+def test_record_ends_matches_reference(lanes, marks_last, next_step, pattern):
+    rows, adds = 3, 8 if lanes < 1000 else 5
+    g = torch.Generator().manual_seed(lanes + 1)
+    ix = ref.EpisodeIndex.empty(rows, lanes, torch.device(DEVICE))
+    stats = {k: (torch.zeros(rows, 3, dtype=torch.float64, device=DEVICE),
+                 torch.zeros(3, dtype=torch.float64, device=DEVICE)) for k in ("want", "got")}
+    for t in range(adds):
+        done = done_at(pattern, t, lanes, g).to(DEVICE)
+        reward = torch.randn(lanes, generator=g).to(DEVICE)
+        ended = ref.add_step(ix, done, None, None, False, reward, marks_last, next_step)
+        ref.record_ends(ix, *stats["want"], ended, marks_last)
+        episode_index.record_ends(*stats["got"], ix.start, ix.ret, ended, ix.state, marks_last)
+        ref.advance(ix)
+        for (w, gt), what in zip(zip(stats["want"], stats["got"]), ("stats", "totals")):
+            # Counts and lengths exactly; returns are float64 sums in another order.
+            assert_same(gt[..., :2], w[..., :2], f"{what} counts and lengths after add {t}")
+            assert torch.allclose(gt[..., 2], w[..., 2], rtol=1e-12, atol=1e-9), f"{what} returns after add {t}"
+
+
 def test_add_step_reads_strided_inputs():
     # done, flags and reward as columns of wider tensors (stride 2), as a user may pass them.
     lanes, rows = 9, 3
@@ -92,12 +120,13 @@ def test_add_step_reads_strided_inputs():
     g = torch.Generator().manual_seed(3)
     for t in range(5):
         done = (torch.rand(lanes, 2, generator=g) < 0.4).to(DEVICE)[:, 0]
-        flags = torch.ones(lanes, 2, dtype=torch.uint8).to(DEVICE)[:, 1]
+        term = (torch.rand(lanes, 2, generator=g) < 0.5).to(DEVICE)[:, 1]
+        trunc = (torch.rand(lanes, 2, generator=g) < 0.5).to(DEVICE)[:, 0]
         reward = torch.randn(lanes, 2, generator=g).to(DEVICE)[:, 1]
-        assert not reward.is_contiguous()
-        e_want = ref.add_step(want, done, flags, reward, True, False)
-        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, got.state, done, flags, reward,
-                                       True, False)
+        assert not reward.is_contiguous() and not trunc.is_contiguous()
+        e_want = ref.add_step(want, done, term, trunc, True, reward, True, False)
+        e_got = episode_index.add_step(got.start, got.end_flags, got.ret, got.state, done, term, trunc, True,
+                                       reward, True, False)
         assert_same(e_got, e_want, "ended")
         ref.advance(want), ref.advance(got)
         for name in ("start", "end_flags", "ret"):
@@ -108,10 +137,12 @@ def test_add_step_rejects_bad_layout():
     ix = ref.EpisodeIndex.empty(3, 4, torch.device(DEVICE))
     with pytest.raises(ValueError, match="done: expected bool"):
         episode_index.add_step(ix.start, ix.end_flags, ix.ret, ix.state, torch.zeros(4, device=DEVICE), None,
-                               None, True, False)
+                               None, False, None, True, False)
+    with pytest.raises(ValueError, match="done, terminated: expected at least one"):
+        episode_index.add_step(ix.start, ix.end_flags, ix.ret, ix.state, None, None, None, False, None, True, False)
     with pytest.raises(ValueError, match="state: expected a 1-d int64 tensor"):
         episode_index.add_step(ix.start, ix.end_flags, ix.ret, ix.state.int(), torch.zeros(4, dtype=torch.bool,
-                               device=DEVICE), None, None, True, False)
+                               device=DEVICE), None, None, False, None, True, False)
 
 
 def seam_cases(rows):

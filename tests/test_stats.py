@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ import torch
 from gpubuffers import ReplayBuffer, reference
 
 MODES = [(m, a) for m in ("first", "last") for a in ("same_step", "next_step")]
+# The Triton backend's statistics kernel, interpreted on CPU tensors.
+BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 
 def scanned(buf, last_rows):
@@ -24,12 +27,13 @@ def scanned(buf, last_rows):
     return count, lengths, returns
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("marks,autoreset", MODES)
 @pytest.mark.parametrize("lanes", [1, 7, 64])
-def test_windows_equal_a_scan_over_many_wraps(marks, autoreset, lanes):
+def test_windows_equal_a_scan_over_many_wraps(marks, autoreset, lanes, backend):
     rows = 13
     g = torch.Generator().manual_seed(lanes)
-    buf = ReplayBuffer(rows * lanes, lanes, done_marks=marks, autoreset=autoreset, seed=0)
+    buf = ReplayBuffer(rows * lanes, lanes, done_marks=marks, autoreset=autoreset, seed=0, backend=backend)
     for t in range(10 * rows + 5):  # ten wraps of the seam, then a partial one
         done = torch.rand(lanes, generator=g) < 0.2
         reward = torch.randn(lanes, generator=g)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import SENTINEL, STATE_ADDS, STATE_SIZE, cursors
+from ..layout import ENDED, HAS_FINAL, SENTINEL, STATE_ADDS, STATE_SIZE, TRUNCATED
 
 
 @dataclass
@@ -70,23 +70,26 @@ class EpisodeIndex:
 def rows_of(ix: EpisodeIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[1] int64 ring rows from the cursors: (row the next add writes, newest row, adds so far)."""
     adds = ix.state[STATE_ADDS:STATE_ADDS + 1]
-    row, prev, _, _ = cursors(adds, ix.rows)
-    return row, prev, adds
+    return adds % ix.rows, (adds + (ix.rows - 1)) % ix.rows, adds
 
 
-def add_step(ix: EpisodeIndex, done: torch.Tensor, flags: torch.Tensor | None,
-             reward: torch.Tensor | None, marks_last: bool, next_step: bool) -> torch.Tensor:
+def add_step(ix: EpisodeIndex, done: torch.Tensor | None, terminated: torch.Tensor | None,
+             truncated: torch.Tensor | None, has_final: bool, reward: torch.Tensor | None,
+             marks_last: bool, next_step: bool) -> torch.Tensor:
     """Update the episode index for the row the next add writes (``state[STATE_ADDS]``; the
     caller advances the cursor once the add's other ops have run, see :func:`advance`).
 
     done: [N] bool, the flags of this add (``marks_last``: the row ends its episode; otherwise
-        the row follows the end of an episode).
-    flags: [N] uint8 ``end_flags`` of episodes ending with this add (ENDED set), or None
-        for plain terminations without a stored final obs.
+        the row follows the end of an episode); None: ``terminated | truncated``.
+    terminated, truncated: [N] bool or None, how the episodes the flags close ended; a lane with
+        both is a termination. has_final: their final observations are being stored.
+        The closed episodes' ``end_flags`` are ``ENDED | HAS_FINAL (has_final) | TRUNCATED
+        (truncated and not terminated)``.
     reward: [N] float32 rewards of this row, or None when returns are not tracked.
     Returns [N] bool, the lanes whose episode ended with this add (at the new row when
     ``marks_last``, else at the row before it; none on the very first add of first mode).
     """
+    done, flags = end_flags_of(ix, done, terminated, truncated, has_final)
     row, prev, adds = rows_of(ix)
     first = adds == 0  # [1]: the first row of every lane starts an episode
     prev_start = ix.start.index_select(0, prev)[0]
@@ -115,6 +118,22 @@ def add_step(ix: EpisodeIndex, done: torch.Tensor, flags: torch.Tensor | None,
     here = _end_flags(ix, ended, flags) if marks_last else torch.zeros_like(ix.end_flags[0])
     ix.end_flags.index_copy_(0, row, here[None])
     return ended
+
+
+def end_flags_of(ix: EpisodeIndex, done: torch.Tensor | None, terminated: torch.Tensor | None,
+                 truncated: torch.Tensor | None, has_final: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(done [N] bool, end flags [N] uint8 of the episodes the flags close, or None for plain
+    terminations) from the flags of an add, as :func:`add_step` describes them."""
+    if done is None:
+        done = terminated if truncated is None else terminated | truncated
+    if truncated is None and not has_final:
+        return done, None
+    flags = torch.full_like(done, ENDED | (HAS_FINAL if has_final else 0), dtype=torch.uint8)
+    if truncated is not None:
+        if terminated is not None:
+            truncated = truncated & ~terminated  # termination takes precedence
+        flags.add_(truncated, alpha=TRUNCATED)
+    return done, flags
 
 
 def _end_flags(ix: EpisodeIndex, ended: torch.Tensor, flags: torch.Tensor | None) -> torch.Tensor:

@@ -17,9 +17,9 @@ from typing import Sequence
 
 import torch
 
-from ..layout import STATE_ADDS, cursors, scratch_row
+from ..layout import scratch_row
 from ..specs import carrier
-from .episode_index import EpisodeIndex
+from .episode_index import EpisodeIndex, rows_of
 
 
 def store_finals(ix: EpisodeIndex, ended: torch.Tensor, marks_last: bool, final_rows: int,
@@ -37,7 +37,7 @@ def store_finals(ix: EpisodeIndex, ended: torch.Tensor, marks_last: bool, final_
     """
     if len(sides) != len(values):
         raise ValueError(f"sides, values: expected as many of each, got {len(sides)} and {len(values)}")
-    row, prev, _, _ = cursors(ix.state[STATE_ADDS:STATE_ADDS + 1], ix.rows)
+    row, prev, _ = rows_of(ix)
     end_row = row if marks_last else prev  # [1] int64
     pos = torch.where(ended, ix.fin_head % final_rows, scratch_row(final_rows))
     ix.final_idx.index_copy_(0, end_row, ix.fin_head[None])
