@@ -373,9 +373,8 @@ class ReplayBuffer:
                              f"without returns")
         if math.prod(spec.shape) != 1 or len(spec.shape) > 1:
             raise ValueError(f"reward_key: the leaf {key!r} has per-lane shape {spec.shape}; returns "
-                             f"are tracked for a scalar reward per lane ([N] or [N, 1]): store a "
-                             f"vector reward under another name and pass reward_key=None, or "
-                             f"name a scalar leaf")
+                             f"are tracked for a scalar reward per lane ([N] or [N, 1]): pass "
+                             f"reward_key=None for a vector reward, or name a scalar leaf")
         if spec.dtype.is_complex:
             raise TypeError(f"reward_key: the leaf {key!r} has dtype {spec.dtype}; expected a real "
                             f"(float, integer or bool) reward")

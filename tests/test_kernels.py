@@ -216,7 +216,6 @@ def test_window_sampler_matches_reference(lanes, marks_last, next_step, length, 
 def test_episode_sampler_matches_reference(lanes, marks_last, next_step, adds):
     rows = 6
     ix = build(lanes, rows, adds, marks_last, next_step, seed=adds)
-    live = min(adds, rows)
     cum = torch.cumsum(ref.whole_episode_ends(ix), 0)
     batch, seed, offset = 300, 5 + adds, 2**33 + lanes
     draws = ref.philox_below(seed, offset, (batch,), cum[-1], cum.device)

@@ -9,19 +9,20 @@ the same code runs on CUDA tensors without a host sync. The names below are the 
 
 from .. import layout
 from ..layout import ENDED, HAS_FINAL, SENTINEL, TRUNCATED
-from .episode_index import EpisodeIndex, add_step, advance, record_ends, rows_of
+from .episode_index import EpisodeIndex, add_step, advance, end_flags_of, record_ends, rows_of
 from .finals import store_finals
 from .gather import gather
 from .rng import philox4x32, philox_below
-from .sampling import (episode_choice, first_choice, pack_episodes, sample_episode_ends,
-                       sample_transitions, sample_windows, slot_age, take, live_span, uniform_below, transition_links,
-                       transition_slots, transitions, whole_episode_ends, window_ends, window_slots,
-                       windows)
+from .sampling import (episode_choice, first_choice, live_span, pack_episodes, sample_episode_ends,
+                       sample_transitions, sample_windows, slot_age, take, transition_links,
+                       transition_slots, transitions, uniform_below, whole_episode_ends, window_ends,
+                       window_slots, windows)
 
 name = "torch"
 
-__all__ = ["ENDED", "HAS_FINAL", "SENTINEL", "TRUNCATED", "EpisodeIndex", "add_step", "advance", "rows_of", "live_span", "uniform_below", "record_ends", "store_finals",
-           "gather", "philox4x32", "philox_below", "episode_choice", "first_choice", "pack_episodes",
-           "sample_episode_ends", "sample_transitions", "sample_windows", "slot_age", "take",
-           "transition_links", "transition_slots", "transitions", "whole_episode_ends",
-           "window_ends", "window_slots", "windows"]
+__all__ = ["layout", "ENDED", "HAS_FINAL", "SENTINEL", "TRUNCATED", "EpisodeIndex", "add_step", "advance",
+           "end_flags_of", "record_ends", "rows_of", "store_finals", "gather", "philox4x32", "philox_below",
+           "episode_choice", "first_choice", "live_span", "pack_episodes", "sample_episode_ends",
+           "sample_transitions", "sample_windows", "slot_age", "take", "transition_links",
+           "transition_slots", "transitions", "uniform_below", "whole_episode_ends", "window_ends",
+           "window_slots", "windows"]
