@@ -16,7 +16,7 @@ import torch
 
 import gpubuffers
 
-from .core import baseline_ratio, copy_bandwidth, ratio_table, run_core, sweeps, w1_overhead
+from .core import baseline_ratio, copy_bandwidth, nstep_overhead, ratio_table, run_core, sweeps, w1_overhead
 from .demo import print_demo, run_demo
 
 
@@ -116,6 +116,9 @@ def main() -> None:
     print("\nW1, recommended add over bare add (medians of the same interleaved loop; the recommended "
           "add runs on a done_marks=\"last\" buffer, the bare add on done_marks=\"first\"):")
     print("\n".join(w1_overhead(rows)))
+    line = nstep_overhead(rows)
+    if line:
+        print(line)
     print(f"\nDevice copy bandwidth (the physical limit): {copy_bandwidth(device):.1f} GB/s")
     print("W4 (prioritized) is not measured: gpubuffers has no prioritized sampler yet.\n")
 

@@ -84,6 +84,9 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28, repeats: int = 1
     return 2 * nbytes / t.median_s / 1e9
 
 
+W2_NSTEP = "gpubuffers (n_step=3)"
+
+
 def run_core(device: torch.device, lanes: int = 4096, capacity: int = 1 << 20, repeats: int = 20,
              with_torchrl: bool = True,
              workloads: tuple[str, ...] = ("W1", "W1r", "W2", "W3")) -> list[Row]:
@@ -178,6 +181,8 @@ def run_core(device: torch.device, lanes: int = 4096, capacity: int = 1 << 20, r
     per_transition = (64 + 12 + 1) * 4
     if "W2" in workloads:
         fns = {name: (lambda b=buf: b.sample(4096)) for name, buf in bufs.items()}
+        # n-step targets (return, discount, the segment's last successor) in the same loop.
+        fns[W2_NSTEP] = lambda: bufs["gpubuffers"].sample(4096, n_step=3, gamma=0.99)
         fns["plain ring"] = lambda: plain.sample(4096, gen)
         t = interleaved(fns, device, repeats=repeats, inner=5)
         out += [Row("W2 sample(4096)", k, v, 4096,
@@ -242,6 +247,14 @@ def sweeps(device: torch.device, capacities: list[int], lane_counts: list[int], 
             points.append({"sweep": "W1 lanes", "x": lanes, "provider": r.provider,
                            "ms": 1e3 * r.timing.median_s, "per_s": r.per_s})
     return points
+
+
+def nstep_overhead(rows: list[Row]) -> str | None:
+    """sample(4096, n_step=3) over sample(4096) of the same buffer, from the same W2 loop."""
+    t = {r.provider: r.timing.median_s for r in rows if r.workload == "W2 sample(4096)"}
+    if W2_NSTEP not in t:
+        return None
+    return f"W2, sample(4096, n_step=3, gamma=0.99) over sample(4096): {t[W2_NSTEP] / t['gpubuffers']:.2f}x"
 
 
 def baseline_ratio(r: Row, rows: list[Row]) -> float:

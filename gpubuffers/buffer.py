@@ -486,27 +486,54 @@ class ReplayBuffer:
         entries = [(t, 0) for t in self._flat.values()]
         return dict(zip(self._flat, self._ops.gather(entries, (slots,))))
 
-    def sample(self, batch_size: int) -> dict[str, Any]:
+    def sample(self, batch_size: int, *, n_step: int = 1, gamma: float | None = None) -> dict[str, Any]:
         """B transitions, uniform over live slots whose successor row has been written.
 
         Returns every leaf at ``[B, *leaf_shape]``, and
           ``next``: {key: [B, *leaf_shape]} the successor of each ``next_keys`` leaf: the next
             row inside the episode, else the episode's final observation;
           ``next_valid`` [B] bool: False where that successor is unknown (an episode ended and
-            its final observation was not given or was dropped) -- mask these out;
+            its final observation was not given or was dropped);
           ``is_first``, ``is_last``, ``terminated``, ``truncated`` [B] bool;
           ``valid`` [B] bool: False for items whose proposals were all rejected (only possible
             with ``autoreset="next_step"``);
           ``index`` [B] int64 ring slot ``row * N + lane``.
+
+        With ``gamma`` (required when ``n_step > 1``), each transition at row t covers a segment
+        of k = min(n_step, rows left in its episode counting t, rows whose successor is written)
+        rows, and the sample also has ``return`` [B] float32 (sum of gamma^i * reward[t + i],
+        i < k, from the ``reward_key`` leaf, which stays one-step under its own name),
+        ``n_steps`` [B] int64 (k), ``discount`` [B] float32 (gamma^k, 0 where the episode
+        terminated within the k rows) and ``target_valid`` [B] bool (``next_valid |
+        terminated``); ``next``, ``next_valid``, ``terminated`` and ``truncated`` then describe
+        the segment's last row, so ``target = return + discount * V(next)`` wherever
+        ``target_valid``.
         """
         batch_size = self._check_batch(batch_size)
+        n_step = _positive_int(n_step, "n_step", self._rows)
+        if gamma is not None:
+            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+                raise TypeError(f"gamma: expected a float in [0, 1] or None, got {type(gamma).__name__}")
+            if not 0.0 <= gamma <= 1.0:
+                raise ValueError(f"gamma: expected a float in [0, 1], got {gamma}")
+        elif n_step > 1:
+            raise ValueError(f"gamma: n_step={n_step} needs the discount gamma to sum the rewards")
         if self._total < 2:
             raise ValueError(f"sample: needs at least 2 adds (a transition is complete once the "
                              f"next row is written), the buffer has {self._total}")
+        if gamma is not None and not self._reward_tracked:
+            raise ValueError("gamma: n-step returns sum the reward_key leaf, and this buffer has "
+                             "reward_key=None")
         tries = self.max_proposals if self._next_step else 1
+        final_rows = 0 if self._next_step else self._final_rows
         links = self._ops.sample_transitions(self._ix, self._rng, batch_size, tries, self._next_step,
-                                             0 if self._next_step else self._final_rows)
+                                             final_rows)
         slot, valid = links["slot"], links["valid"]
+        is_first, is_last = links["is_first"], links["is_last"]
+        if gamma is not None:
+            seg = self._ops.nstep(self._ix, slot, links["row"], self._flat[self.reward_key].view(-1),
+                                  n_step, float(gamma), final_rows, self._next_step)
+            links = seg
         # One gather for the leaves and the next leaves (successor row, or side table at an end).
         entries = [(t, 0) for t in self._flat.values()] + [(self._next_src[k], 1) for k in self._next_leaves]
         values = self._ops.gather(entries, (slot, links["succ"]))
@@ -515,12 +542,17 @@ class ReplayBuffer:
         out = unflatten(out)
         out["next"] = unflatten(nxt)
         out["next_valid"] = links["next_valid"]
-        out["is_first"] = links["is_first"]
-        out["is_last"] = links["is_last"]
+        out["is_first"] = is_first
+        out["is_last"] = is_last
         out["terminated"] = links["terminated"]
         out["truncated"] = links["truncated"]
-        out["valid"] = torch.ones_like(links["is_last"]) if valid is None else valid
+        out["valid"] = torch.ones_like(is_last) if valid is None else valid
         out["index"] = slot
+        if gamma is not None:
+            out["return"] = links["return"]
+            out["n_steps"] = links["n_steps"]
+            out["discount"] = links["discount"]
+            out["target_valid"] = links["next_valid"] | links["terminated"]
         return out
 
     def sample_sequences(self, batch_size: int, length: int) -> dict[str, Any]:

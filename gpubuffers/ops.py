@@ -66,7 +66,7 @@ def backend(device: torch.device, name: str | None = None):
 
 
 #: Every op a backend offers the buffer; both backends define each of them.
-OPS = ("add_step", "record_ends", "store_finals", "advance", "sample_transitions",
+OPS = ("add_step", "record_ends", "store_finals", "advance", "sample_transitions", "nstep",
        "sample_windows", "sample_episode_ends", "whole_episode_ends", "pack_episodes", "gather")
 
 #: The ops that stay pure torch on the Triton backend (sync-free on CUDA, and graph-safe: they
@@ -85,8 +85,9 @@ class TritonOps:
     pack_episodes = staticmethod(reference.pack_episodes)
 
     def __init__(self) -> None:
-        from .kernels import episode_index, finals, gather, sampling
+        from .kernels import episode_index, finals, gather, returns, sampling
 
+        self._returns = returns
         self._episode_index = episode_index
         self._finals = finals
         self._sampling = sampling
@@ -118,6 +119,10 @@ class TritonOps:
         if not next_step:
             out["valid"] = None
         return out
+
+    def nstep(self, ix, slot, row, reward, n_step, gamma, final_rows, next_step):
+        return self._returns.nstep(ix.end_flags, ix.final_idx, ix.fin_head, ix.state, slot, row, reward, n_step,
+                                   gamma, final_rows, next_step)
 
     def sample_windows(self, ix, rng: Rng, batch, tries, length):
         out = self._sampling.windows(ix.start, ix.end_flags, ix.state, rng.seed, batch, tries, length)

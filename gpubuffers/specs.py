@@ -17,7 +17,8 @@ import torch
 #: Keys that samples add beside the stored leaves; a step may not use them as leaf names.
 RESERVED_KEYS = frozenset(
     {"next", "next_valid", "is_first", "is_last", "terminated", "truncated", "valid",
-     "index", "lane", "cu_seqlens", "length", "mask", "num_rows", "episode_return"}
+     "index", "lane", "cu_seqlens", "length", "mask", "num_rows", "episode_return",
+     "return", "n_steps", "discount", "target_valid"}
 )
 
 

@@ -67,6 +67,30 @@ def _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row
     return best_slot, best_row, found
 
 
+@triton.jit
+def links(end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, final_rows,
+          NEXT_STEP: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_: tl.constexpr):
+    """Successor and end facts of the transitions at ``slot`` (as reference.transition_links):
+    (succ, is_last, terminated, truncated, next_valid)."""
+    succ = (slot + lanes) % total
+    flags = tl.load(end_flags_ptr + slot, mask=mask, other=0).to(tl.int32)
+    is_last = flags != 0
+    truncated = (flags & _TRUNCATED) != 0
+    terminated = is_last & (truncated == 0)
+    if NEXT_STEP:
+        next_valid = tl.full([BLOCK_], 1, tl.int1)
+    elif HAS_FINAL:
+        lane = slot % lanes
+        idx = tl.load(final_idx_ptr + slot, mask=mask, other=0)
+        head = tl.load(fin_head_ptr + lane, mask=mask, other=0)
+        kept = ((flags & _HAS_FINAL) != 0) & (head - idx <= final_rows)  # layout.final_kept
+        succ = tl.where(is_last, total + (idx % final_rows) * lanes + lane, succ)  # layout.final_slot
+        next_valid = (is_last == 0) | kept
+    else:
+        next_valid = is_last == 0
+    return succ, is_last, terminated, truncated, next_valid
+
+
 @triton.jit(do_not_specialize=["seed", "batch", "tries", "rows", "lanes", "total", "final_rows"])
 def _transitions_kernel(
     slots_ptr, row_ptr, masks_ptr,                 # outputs: [2, B] (slot, succ), [B], [6, B]
@@ -84,23 +108,10 @@ def _transitions_kernel(
     base_row = oldest
     slot, row, found = _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row,
                                          lanes, total, 1, BLOCK_)
-    succ = (slot + lanes) % total
     is_first = tl.load(start_ptr + slot, mask=mask, other=0) == row
-    flags = tl.load(end_flags_ptr + slot, mask=mask, other=0).to(tl.int32)
-    is_last = flags != 0
-    truncated = (flags & _TRUNCATED) != 0
-    terminated = is_last & (truncated == 0)
-    if NEXT_STEP:
-        next_valid = tl.full([BLOCK_], 1, tl.int1)
-    elif HAS_FINAL:
-        lane = slot % lanes
-        idx = tl.load(final_idx_ptr + slot, mask=mask, other=0)
-        head = tl.load(fin_head_ptr + lane, mask=mask, other=0)
-        kept = ((flags & _HAS_FINAL) != 0) & (head - idx <= final_rows)  # layout.final_kept
-        succ = tl.where(is_last, total + (idx % final_rows) * lanes + lane, succ)  # layout.final_slot
-        next_valid = (is_last == 0) | kept
-    else:
-        next_valid = is_last == 0
+    succ, is_last, terminated, truncated, next_valid = links(
+        end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, final_rows,
+        NEXT_STEP, HAS_FINAL, BLOCK_)
     tl.store(slots_ptr + item, slot, mask=mask)
     tl.store(slots_ptr + batch + item, succ, mask=mask)
     tl.store(row_ptr + item, row, mask=mask)

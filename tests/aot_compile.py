@@ -19,7 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from gpubuffers.kernels import episode_index, finals, gather, sampling  # noqa: E402
+from gpubuffers.kernels import episode_index, finals, gather, returns, sampling  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 
@@ -61,6 +61,12 @@ KERNELS = [
      {"seed": "i64", "batch": "i32", "tries": "i32", "rows": "i32", "lanes": "i32", "total": "i64",
       "final_rows": "i32"},
      ["NEXT_STEP", "HAS_FINAL"], {"BLOCK_": sampling.BLOCK}),
+    ("nstep", returns._nstep_kernel,
+     {"n_ptr": "*i64", "ret_ptr": "*fp32", "disc_ptr": "*fp32", "succ_ptr": "*i64", "masks_ptr": "*i8",
+      "slot_ptr": "*i64", "row_ptr": "*i64", "reward_ptr": "*fp32", "end_flags_ptr": "*u8",
+      "final_idx_ptr": "*i64", "fin_head_ptr": "*i64", "state_ptr": "*i64"},
+     {"gamma": "fp64", "batch": "i32", "n_step": "i32", "lanes": "i32", "total": "i64", "final_rows": "i32"},
+     ["NEXT_STEP", "HAS_FINAL"], {"ADDS": returns.STATE_ADDS, "BLOCK_": returns.BLOCK}),
     ("windows", sampling._windows_kernel,
      {"slots_ptr": "*i64", "first_ptr": "*i8", "last_ptr": "*i8", "valid_ptr": "*i8", "start_ptr": "*i64",
       "end_flags_ptr": "*u8", "state_ptr": "*i64"},

@@ -94,13 +94,14 @@ def expected(lanes: list[Lane], adds: int, rows: int, length: int, marks_last: b
     return Expected(windows, transitions, episodes)
 
 
-def feed(buf, lanes: list[Lane], adds: int, marks_last: bool, next_step: bool) -> None:
-    """Add ``adds`` rows of identifiable data, with final observations under same_step."""
+def feed(buf, lanes: list[Lane], adds: int, marks_last: bool, next_step: bool, reward=None) -> None:
+    """Add ``adds`` rows of identifiable data, with final observations under same_step;
+    ``reward(lane, row)`` gives the reward leaf (default 1.0)."""
     n = len(lanes)
     done, trunc = flags(lanes, adds, marks_last)
     for a in range(adds):
         step = {"obs": torch.tensor([obs(i, a) for i in range(n)]),
-                "reward": torch.full((n,), 1.0),
+                "reward": torch.tensor([1.0 if reward is None else reward(i, a) for i in range(n)]),
                 "info": {"lane": torch.arange(n), "row": torch.full((n,), a)}}
         final = None
         if not next_step:
