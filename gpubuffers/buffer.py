@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -31,8 +32,10 @@ def _leaves_under(key: str, specs: Mapping[str, Any]) -> list[str]:
 
 
 def _positive_int(value: Any, name: str, limit: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    # numbers.Integral admits numpy integers (np.int64 from a config) and refuses floats.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
+    value = int(value)
     if value <= 0:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     if limit is not None and value > limit:
@@ -116,8 +119,9 @@ class ReplayBuffer:
             raise TypeError(f"next_keys: expected a sequence of leaf names (() for none), "
                             f"got {next_keys!r}")
         if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, int):
+            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
                 raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
+            seed = int(seed)
             if not -2**63 <= seed < 2**63:
                 raise ValueError(f"seed: expected an int in [-2**63, 2**63) (int64), got {seed}")
         if reward_key is not None and (not isinstance(reward_key, str) or not reward_key):
@@ -146,7 +150,7 @@ class ReplayBuffer:
         self._final: dict[str, torch.Tensor] = {}
         self._next_src: dict[str, torch.Tensor] = {}
         self._next_leaves: list[str] = []
-        self._episode_cum: torch.Tensor | None = None
+        self._episode_ends: tuple[torch.Tensor, torch.Tensor] | None = None  # per add: (eligible, cumsum)
         self._episode_rows = 1       # host power of two >= the longest whole stored episode
         self._episode_rows_at = -1   # num_adds when _episode_rows was last brought up to date
         self._ix: EpisodeIndex | None = None
@@ -217,7 +221,7 @@ class ReplayBuffer:
         (what :meth:`sample_episodes` draws from). Reading it as a Python int syncs."""
         if self._ix is None:
             return torch.zeros((), dtype=torch.int64)
-        return self._episode_cumsum()[-1].clone()
+        return self._episode_cumsum()[1][-1].clone()
 
     def episode_stats(self, last_rows: int | None = None) -> dict[str, torch.Tensor]:
         """Statistics of the episodes that ended in the newest ``last_rows`` rows (default: all
@@ -359,7 +363,7 @@ class ReplayBuffer:
                               [self._final[k] for k in leaves], [st.finals[k] for k in leaves])
         ops_.advance(ix)
         self._total += 1
-        self._episode_cum = None
+        self._episode_ends = None
 
     def _reward_leaf(self, specs: dict[str, LeafSpec]) -> str | None:
         """The leaf whose values are summed into returns, or None when returns are not tracked."""
@@ -512,7 +516,7 @@ class ReplayBuffer:
         batch_size = self._check_batch(batch_size)
         n_step = _positive_int(n_step, "n_step", self._rows)
         if gamma is not None:
-            if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+            if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
                 raise TypeError(f"gamma: expected a float in [0, 1] or None, got {type(gamma).__name__}")
             if not 0.0 <= gamma <= 1.0:
                 raise ValueError(f"gamma: expected a float in [0, 1], got {gamma}")
@@ -608,7 +612,7 @@ class ReplayBuffer:
         if max_rows is None:
             max_rows = batch_size * self._longest_episode()
         ix = self._ix
-        end_slot, valid = self._ops.sample_episode_ends(ix, self._episode_cumsum(), self._rng, batch_size)
+        end_slot, valid = self._ops.sample_episode_ends(ix, self._episode_cumsum()[1], self._rng, batch_size)
         packed = self._ops.pack_episodes(ix, end_slot, valid, max_rows)
         out: dict[str, Any] = unflatten(self._gather(packed["slot"]))
         flags = take(ix.end_flags, end_slot)
@@ -630,16 +634,17 @@ class ReplayBuffer:
         the device once per add at most (the one host sync of ``sample_episodes``' default)."""
         if self._episode_rows_at != self._total:
             ix, oldest = self._ix, self.oldest_row
-            eligible = self._ops.whole_episode_ends(ix).view_as(ix.start)
+            eligible = self._episode_cumsum()[0].view_as(ix.start)
             end_row = oldest + (torch.arange(self._rows, device=self._device)[:, None] - oldest) % self._rows
             longest = int(torch.where(eligible, end_row + 1 - ix.start, 0).max())
             self._episode_rows = max(self._episode_rows, 1 << max(longest - 1, 0).bit_length())
             self._episode_rows_at = self._total
         return self._episode_rows
 
-    def _episode_cumsum(self) -> torch.Tensor:
-        """[T * N] cumulative count of slots that end a whole live episode, built once per add."""
-        if self._episode_cum is None:
+    def _episode_cumsum(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([T * N] bool slots that end a whole live episode, [T * N] their cumulative count),
+        built once per add and shared by the draws and the default row budget."""
+        if self._episode_ends is None:
             ends = self._ops.whole_episode_ends(self._ix)
-            self._episode_cum = torch.cumsum(ends, 0)
-        return self._episode_cum
+            self._episode_ends = (ends, torch.cumsum(ends, 0))
+        return self._episode_ends

@@ -60,8 +60,13 @@ STATE_OFFSET = 1  #: the Philox counter offset of the next in-kernel draw
 STATE_SIZE = 2
 
 
-def cursors(adds, rows: int):
-    """(ring row of the next add, ring row of the newest row, live rows, oldest absolute row) for
-    ``adds`` rows added so far; ints or int64 tensors alike (the kernels inline the same)."""
+def ring_rows(adds, rows: int):
+    """(ring row the next add writes, ring row of the newest row) after ``adds`` adds; ints or
+    int64 tensors alike (the kernels inline the same)."""
+    return adds % rows, (adds + rows - 1) % rows
+
+
+def live_span(adds, rows: int):
+    """(live rows, oldest live absolute row) after ``adds`` adds; ints or int64 tensors alike."""
     live = adds.clamp(max=rows) if hasattr(adds, "clamp") else min(adds, rows)
-    return adds % rows, (adds + rows - 1) % rows, live, adds - live
+    return live, adds - live

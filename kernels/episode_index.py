@@ -33,7 +33,7 @@ def _add_step_kernel(
     mask = lane < lanes
     # The row comes from the device cursor, so a captured graph writes a new row each replay.
     adds = tl.load(state_ptr + ADDS)
-    row = adds % rows
+    row = adds % rows                   # layout.ring_rows
     prev = (adds + rows - 1) % rows
     first = adds == 0
     here = row * lanes + lane

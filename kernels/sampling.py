@@ -28,7 +28,7 @@ _OFFSET = tl.constexpr(layout.STATE_OFFSET)
 
 @triton.jit
 def _live_span(state_ptr, rows):
-    """(live rows, oldest absolute row, Philox offset) from the device cursors (layout.cursors)."""
+    """(live rows, oldest absolute row, Philox offset) from the device cursors (layout.live_span)."""
     adds = tl.load(state_ptr + _ADDS)
     live = tl.minimum(adds, rows)
     return live, adds - live, tl.load(state_ptr + _OFFSET)

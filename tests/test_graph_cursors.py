@@ -63,7 +63,7 @@ def test_replays_with_frozen_host_values_equal_eager_calls(marks, autoreset, bac
                 dst.copy_(src)
         want = call(eager)
         replayed._total, replayed._rng.offset = captured  # what a replayed graph still holds
-        replayed._episode_cum = None
+        replayed._episode_ends = None
         got = call(replayed)
         for i, (a, b) in enumerate(zip(flat(want), flat(got))):
             assert torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True)), \

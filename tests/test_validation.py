@@ -202,3 +202,17 @@ def test_seed_none_leaves_the_global_stream_alone():
         buf.sample(8)
     assert torch.equal(torch.rand(4), want)
     assert a._seed != b._seed  # fresh seeds differ
+
+
+def test_numpy_scalars_are_accepted_where_ints_and_floats_are():
+    # Sizes, seeds and discounts often come from numpy-typed configs.
+    import numpy as np
+
+    b = ReplayBuffer(np.int64(8 * N), np.int32(N), seed=np.int64(3))
+    for t in range(3):
+        b.add(step(t), np.zeros(N, dtype=bool))
+    assert b.sample(np.int64(5))["obs"].shape == (5, 3)
+    assert b.sample_sequences(np.int32(2), np.int64(2))["obs"].shape == (2, 2, 3)
+    assert b.sample(4, n_step=np.int64(2), gamma=np.float32(0.9))["return"].dtype == torch.float32
+    with pytest.raises(TypeError, match="batch_size: expected a positive int, got bool"):
+        b.sample(np.bool_(True))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import ENDED, HAS_FINAL, SENTINEL, STATE_ADDS, STATE_SIZE, TRUNCATED
+from ..layout import ENDED, HAS_FINAL, SENTINEL, STATE_ADDS, STATE_SIZE, TRUNCATED, ring_rows
 
 
 @dataclass
@@ -70,7 +70,7 @@ class EpisodeIndex:
 def rows_of(ix: EpisodeIndex) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[1] int64 ring rows from the cursors: (row the next add writes, newest row, adds so far)."""
     adds = ix.state[STATE_ADDS:STATE_ADDS + 1]
-    return adds % ix.rows, (adds + (ix.rows - 1)) % ix.rows, adds
+    return (*ring_rows(adds, ix.rows), adds)
 
 
 def add_step(ix: EpisodeIndex, done: torch.Tensor | None, terminated: torch.Tensor | None,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED, cursors, final_kept, final_slot
+from ..layout import HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED, final_kept, final_slot
+from ..layout import live_span as _live_span
 from .episode_index import EpisodeIndex
 
 
@@ -111,8 +112,7 @@ def window_slots(end_slot: torch.Tensor, length: int, rows: int, lanes: int) -> 
 
 def live_span(ix: EpisodeIndex) -> tuple[torch.Tensor, torch.Tensor]:
     """(live rows, oldest absolute row) as 0-d int64 tensors, from the device cursors."""
-    _, _, live, oldest = cursors(ix.state[STATE_ADDS], ix.rows)
-    return live, oldest
+    return _live_span(ix.state[STATE_ADDS], ix.rows)
 
 
 def uniform_below(rng, shape: tuple[int, ...], high: torch.Tensor) -> torch.Tensor:
