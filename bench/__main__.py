@@ -16,7 +16,8 @@ import torch
 
 import gpubuffers
 
-from .core import baseline_ratio, copy_bandwidth, nstep_overhead, ratio_table, run_core, sweeps, w1_overhead
+from .core import (baseline_ratio, copy_bandwidth, nstep_overhead, ratio_table, run_core, run_w4, sweeps,
+                   w1_overhead, w4_lines)
 from .demo import print_demo, run_demo
 
 
@@ -111,6 +112,9 @@ def main() -> None:
     if with_torchrl and importlib.util.find_spec("torchrl") is None:
         print("TorchRL is not installed: its rows are missing (pip install -e '.[bench]')\n")
     rows = run_core(device, repeats=10 if args.quick else 40, with_torchrl=with_torchrl)
+    # W4 at 2^20 and, for a full run, 2^24 slots (about 11 GB of host memory for both providers).
+    rows += run_w4(device, capacities=(1 << 20,) if args.quick else (1 << 20, 1 << 24),
+                   repeats=10 if args.quick else 30, with_torchrl=with_torchrl)
     print("## Core workloads (N=4096, obs float32[64], action float32[12], capacity 2^20)\n")
     print(ratio_table(rows, prov["device"]))
     print("\nW1, recommended add over bare add (medians of the same interleaved loop; the recommended "
@@ -119,8 +123,9 @@ def main() -> None:
     line = nstep_overhead(rows)
     if line:
         print(line)
-    print(f"\nDevice copy bandwidth (the physical limit): {copy_bandwidth(device):.1f} GB/s")
-    print("W4 (prioritized) is not measured: gpubuffers has no prioritized sampler yet.\n")
+    print("W4, prioritized update + sample:")
+    print("\n".join(w4_lines(rows)))
+    print(f"\nDevice copy bandwidth (the physical limit): {copy_bandwidth(device):.1f} GB/s\n")
 
     if args.out is None:
         # Quick runs (the README's main job) do not overwrite the committed full-run figures.

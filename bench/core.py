@@ -207,6 +207,79 @@ def run_core(device: torch.device, lanes: int = 4096, capacity: int = 1 << 20, r
     return out
 
 
+W4 = "W4 update(4096) + sample(4096), prioritized"
+W4_TORCHRL = "torchrl PrioritizedSampler"
+
+
+def run_w4(device: torch.device, capacities: tuple[int, ...] = (1 << 20, 1 << 24), lanes: int = 4096,
+           repeats: int = 20, with_torchrl: bool = True) -> list[Row]:
+    """W4 at each capacity: one call sets the priorities of the previous sample's 4096 transitions
+    and draws 4096 more (prioritized, alpha 0.6, beta 0.4, with the data and next observations),
+    for gpubuffers and TorchRL's PrioritizedSampler over the same data, interleaved."""
+    steps = make_steps(lanes, device)
+    data_steps = [{k: v for k, v in s.items() if k != "done"} for s in steps]
+    gen = torch.Generator(device=device).manual_seed(1)
+    prios = [torch.rand(4096, generator=gen, device=device) * 4 for _ in range(8)]
+    per_transition = (64 + 12 + 1) * 4
+    out = []
+    for cap in capacities:
+        buf = ReplayBuffer(cap, lanes, device=device, seed=0, priority_alpha=0.6)
+        for i in range(cap // lanes + 3):
+            buf.add(data_steps[i % 8], steps[i % 8]["done"])
+        state = {"s": buf.sample(4096), "i": 0}
+
+        def ours():
+            state["i"] += 1
+            buf.update_priorities(state["s"]["index"], prios[state["i"] % 8])
+            state["s"] = buf.sample(4096)
+
+        fns = {"gpubuffers": ours}
+        if with_torchrl and importlib.util.find_spec("torchrl") is not None:
+            rb = torchrl_prioritized(buf, device)
+            trl = {"s": rb.sample(), "i": 0}
+
+            def theirs():
+                trl["i"] += 1
+                rb.update_priority(trl["s"]["index"], prios[trl["i"] % 8])
+                trl["s"] = rb.sample()
+
+            fns[W4_TORCHRL] = theirs
+        t = interleaved(fns, device, repeats=repeats, shuffle=True)
+        out += [Row(f"{W4} at 2^{cap.bit_length() - 1}", k, v, 4096, 4096 * per_transition,
+                    baseline=W4_TORCHRL if W4_TORCHRL in fns else "gpubuffers") for k, v in t.items()]
+    return out
+
+
+def torchrl_prioritized(buf: ReplayBuffer, device: torch.device):
+    """TorchRL's prioritized buffer (LazyTensorStorage, PrioritizedSampler alpha 0.6 beta 0.4,
+    batch 4096) holding the same transitions as ``buf``."""
+    import logging
+
+    logging.getLogger("torchrl").setLevel(logging.WARNING)
+    from tensordict import TensorDict
+    from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplayBuffer
+
+    cap = buf.capacity
+    s = buf.storage
+    td = TensorDict({k: s[k].reshape(cap, *s[k].shape[2:]) for k in ("obs", "action", "reward")},
+                    batch_size=[cap], device=device)
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(cap, device=device),
+                                sampler=PrioritizedSampler(cap, alpha=0.6, beta=0.4), batch_size=4096)
+    rb.extend(td)
+    return rb
+
+
+def w4_lines(rows: list[Row]) -> list[str]:
+    """gpubuffers against TorchRL at each capacity, and its own growth over capacity."""
+    ours = {r.workload: r.timing.median_s for r in rows if r.workload.startswith("W4") and r.provider == "gpubuffers"}
+    theirs = {r.workload: r.timing.median_s for r in rows if r.workload.startswith("W4") and r.provider == W4_TORCHRL}
+    lines = [f"- {w}: {theirs[w] / t:.2f}x faster than TorchRL" for w, t in ours.items() if w in theirs]
+    if len(ours) > 1:
+        (w0, t0), (w1, t1) = list(ours.items())[0], list(ours.items())[-1]
+        lines.append(f"- gpubuffers from {w0.rsplit(' ', 1)[-1]} to {w1.rsplit(' ', 1)[-1]}: {t1 / t0:.2f}x the time")
+    return lines
+
+
 def torchrl_buffer(plain: PlainRing, device: torch.device, slices: bool):
     """TorchRL over the same data in its [env, time] layout: LazyTensorStorage with RandomSampler
     (batch 4096) or SliceSampler (end_key, strict_length; 256 slices of 32)."""

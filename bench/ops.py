@@ -9,6 +9,11 @@ Ops (N = 4096 lanes, capacity 2^20, obs float32[64], action float32[12], reward 
   windows      picking 256 windows of 32 rows (32 proposals per item) and laying out their
                slots and flags
   gather       every leaf plus the next obs of 4096 transitions
+  priority update   update_priorities of 4096 transitions (leaves, then the nodes above them)
+  priority draw     4096 stratified proportional transitions with their links and weights
+
+and the fan-out of the priority tree: update + draw of 4096 at 2^20 and 2^24 slots for trees of
+8 to 128 children per node.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import torch
 
 from gpubuffers import ReplayBuffer
+from gpubuffers.reference import EpisodeIndex, PriorityTree
 
 from .__main__ import device_name
 from .core import make_steps
@@ -28,7 +34,8 @@ LANES, CAPACITY = 4096, 1 << 20
 
 def filled(device: torch.device, backend: str) -> ReplayBuffer:
     steps = make_steps(LANES, device)
-    buf = ReplayBuffer(CAPACITY, LANES, device=device, done_marks="last", seed=0, backend=backend)
+    buf = ReplayBuffer(CAPACITY, LANES, device=device, done_marks="last", seed=0, backend=backend,
+                       priority_alpha=0.6)
     for i in range(CAPACITY // LANES + 3):
         s = steps[i % 8]
         buf.add({k: v for k, v in s.items() if k != "done"}, s["done"], final_obs=steps[(i + 1) % 8]["obs"])
@@ -52,7 +59,13 @@ def main() -> None:
         "transitions": 4096 * (8 + 1 + 8 + 8 + 8 + 6),
         "windows": 256 * 32 * 8 + 256 * 32 * (8 + 8 + 1 + 2),
         "gather": 4096 * (64 + 12 + 1 + 64) * 4,
+        # ids and priorities in, the leaves and one block of 32 children per level (4 levels)
+        "priority update": 4096 * (8 + 4 + 4) + 4096 * 4 * 32 * 8,
+        # one block of 32 children per level, then the links of transitions
+        "priority draw": 4096 * 4 * 32 * 8 + 4096 * (8 + 1 + 8 + 8 + 8 + 6 + 4),
     }
+    gen = torch.Generator(device=device).manual_seed(0)
+    prios = torch.rand(4096, generator=gen, device=device)
     rows = []
     for op in moved:
         fns = {}
@@ -67,6 +80,12 @@ def main() -> None:
                     ix, buf._rng, 4096, 1, False, buf._final_rows))
             elif op == "windows":
                 fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_windows(ix, buf._rng, 256, 32, 32))
+            elif op == "priority update":
+                ids = buf.sample(4096)["index"]
+                fns[b] = (lambda ops=ops, ix=ix, buf=buf, ids=ids: ops.update_priorities(ix, buf._tree, ids, prios))
+            elif op == "priority draw":
+                fns[b] = (lambda ops=ops, ix=ix, buf=buf: ops.sample_prioritized_transitions(
+                    ix, buf._tree, buf._rng, 4096, False, buf._final_rows, 0.4))
             else:
                 # Fresh random slots on every call, as sampling produces (a fixed index would
                 # time a cache-hot gather).
@@ -103,11 +122,50 @@ def main() -> None:
         for name, timing in t.items():
             rows.append((f"gather, 256 B in {leaves} leaves", name, 4096 * 256 / timing.median_s / 1e9,
                          timing.median_s / t[backends[0]].median_s))
+    fanouts = fanout_sweep(device, backends, bufs, args.repeats)
     print(f"## Hot ops on {device_name(device)}\n")
     print("| op | provider | GB/s | time vs reference |\n|---|---|---|---|")
     for op, name, gbps, ratio in rows:
         label = {"torch": "reference (torch)", "triton": "Triton kernel"}.get(name, name)
         print(f"| {op} | {label} | {gbps:.2f} | {ratio:.2f}x |")
+    print("\n## Priority tree fan-out: update + draw of 4096, time vs fan-out 32 at 2^20\n")
+    print("| backend | slots | " + " | ".join(f"F={f}" for f in FANOUTS) + " |")
+    print("|---|---|" + "---|" * len(FANOUTS))
+    for (b, cap), times in fanouts.items():
+        base = fanouts[(b, 1 << 20)][FANOUTS.index(32)]
+        print(f"| {b} | 2^{cap.bit_length() - 1} | " + " | ".join(f"{t / base:.2f}" for t in times) + " |")
+
+
+FANOUTS = (8, 16, 32, 64, 128)
+
+
+def fanout_sweep(device: torch.device, backends: list[str], bufs: dict, repeats: int) -> dict:
+    """Median seconds of update(4096) + draw(4096) per (backend, capacity), one per fan-out,
+    on trees of random leaves; the index (4096 lanes, every row live) is built directly."""
+    out = {}
+    for cap in (1 << 20, 1 << 24):
+        rows = cap // LANES
+        ix = EpisodeIndex.empty(rows, LANES, device)
+        ix.start.zero_()
+        ix.state[0] = 3 * rows
+        ids = torch.randint((2 * rows + 1) * LANES, (3 * rows - 1) * LANES, (4096,), device=device)
+        prios = torch.rand(4096, device=device)
+        for b in backends:
+            ops, rng = bufs[b]._ops, bufs[b]._rng
+            fns = {}
+            for f in FANOUTS:
+                tree = PriorityTree.empty(cap, LANES, 0.6, 1e-6, device, fanout=f)
+                tree.leaf[:cap] = torch.rand(cap, device=device)
+                ops.update_priorities(ix, tree, torch.arange(2 * rows * LANES, 3 * rows * LANES, device=device),
+                                      torch.rand(cap, device=device))
+
+                def both(t=tree):
+                    ops.update_priorities(ix, t, ids, prios)
+                    ops.sample_prioritized_transitions(ix, t, rng, 4096, False, 0, 0.4)
+                fns[f] = both
+            t = interleaved(fns, device, repeats=repeats, inner=3, shuffle=True)
+            out[(b, cap)] = [t[f].median_s for f in FANOUTS]
+    return out
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 
 from . import layout, ops
 from .layout import STATE_ADDS, TRUNCATED
-from .reference import EpisodeIndex, take
+from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids
 from .specs import (RESERVED_KEYS, LeafSpec, as_tensor, carrier, check_leaf, check_mask, flatten,
                     resolve_device, storable, unflatten)
 
@@ -24,6 +24,12 @@ MAX_BATCH = 2**31 - 1
 #: Bytes of episode index per slot: start (int64), end flags (uint8), return (float32),
 #: final-obs counter (int64).
 _INDEX_BYTES_PER_SLOT = 8 + 1 + 4 + 8
+
+#: Bytes of priority tree per slot: the float32 leaf (the internal levels add 12 / 32 more).
+_PRIORITY_BYTES_PER_SLOT = 4
+
+#: Default exponent of the importance weights of prioritized samples (Schaul et al. 2016).
+DEFAULT_BETA = 0.4
 
 
 def _leaves_under(key: str, specs: Mapping[str, Any]) -> list[str]:
@@ -40,6 +46,17 @@ def _positive_int(value: Any, name: str, limit: int | None = None) -> int:
         raise ValueError(f"{name}: expected a positive int, got {value}")
     if limit is not None and value > limit:
         raise ValueError(f"{name}: expected a positive int of at most {limit}, got {value}")
+    return value
+
+
+def _real(value: Any, name: str, low: float, high: float, *, open_low: bool = False) -> float:
+    """A real number in ``[low, high]`` (``(low, high]`` when ``open_low``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    value = float(value)
+    bound = "(" if open_low else "["
+    if not (low < value if open_low else low <= value) or not value <= high:
+        raise ValueError(f"{name}: expected a float in {bound}{low}, {high}], got {value}")
     return value
 
 
@@ -97,6 +114,13 @@ class ReplayBuffer:
             returned with ``valid=False``.
         backend: ``"torch"`` (pure torch) or ``"triton"`` (kernels); default: triton for CUDA
             tensors when it is installed, else torch, unless ``GPUBUFFERS_BACKEND`` says otherwise.
+        priority_alpha: ``None`` samples uniformly. A float in (0, 1] makes :meth:`sample` and
+            :meth:`sample_sequences` draw in proportion to ``(priority + priority_eps) **
+            priority_alpha`` (proportional prioritized replay) and return importance weights;
+            priorities are set with :meth:`update_priorities`, and each new transition enters
+            at the largest priority applied so far (1 before any update).
+        priority_eps: added to every priority (a float > 0), so that no transition becomes
+            unreachable.
     """
 
     def __init__(self, capacity: int, num_envs: int | None = None, *,
@@ -104,7 +128,8 @@ class ReplayBuffer:
                  autoreset: str = "same_step", next_keys: Sequence[str] = ("obs",),
                  seed: int | None = None, reward_key: str | None = "reward",
                  final_obs_capacity: int | None = None, max_proposals: int = 32,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, priority_alpha: float | None = None,
+                 priority_eps: float = 1e-6) -> None:
         capacity = _positive_int(capacity, "capacity")
         lanes = 1 if num_envs is None else _positive_int(num_envs, "num_envs")
         if capacity // lanes < 2:
@@ -130,6 +155,12 @@ class ReplayBuffer:
             final_obs_capacity = _positive_int(final_obs_capacity, "final_obs_capacity")
         if backend is not None and backend not in ops.BACKENDS:
             raise ValueError(f"backend: expected one of {ops.BACKENDS} or None, got {backend!r}")
+        if priority_alpha is not None:
+            priority_alpha = _real(priority_alpha, "priority_alpha", 0.0, 1.0, open_low=True)
+        priority_eps = _real(priority_eps, "priority_eps", 0.0, math.inf, open_low=True)
+        self.priority_alpha = priority_alpha
+        self.priority_eps = priority_eps
+        self._tree: PriorityTree | None = None
         self._rows = capacity // lanes
         self._lanes = lanes
         self._single = num_envs is None
@@ -345,7 +376,8 @@ class ReplayBuffer:
         return _Step(flat, done, terminated, truncated, reward, finals, new_layout)
 
     def _commit(self, st: _Step) -> None:
-        """Write a prepared add: storage row, episode index, side table, statistics, cursors.
+        """Write a prepared add: storage row, episode index, side table, statistics, priorities,
+        cursors.
         Only writes into memory that exists and tensors whose shapes and dtypes were checked;
         every row it writes is read from the device cursors (graph-safe)."""
         if st.layout is not None:
@@ -361,6 +393,8 @@ class ReplayBuffer:
             leaves = list(st.finals)
             ops_.store_finals(ix, ended, self._marks_last, self._final_rows,
                               [self._final[k] for k in leaves], [st.finals[k] for k in leaves])
+        if self._tree is not None:
+            ops_.promote(ix, self._tree)
         ops_.advance(ix)
         self._total += 1
         self._episode_ends = None
@@ -444,19 +478,24 @@ class ReplayBuffer:
                  else rows for p in specs}
         leaf_bytes = {p: sizes[p] * lanes * math.prod(s.shape) * s.dtype.itemsize
                       for p, s in specs.items()}
-        total_bytes = sum(leaf_bytes.values()) + rows * lanes * _INDEX_BYTES_PER_SLOT
+        per_slot = _INDEX_BYTES_PER_SLOT + (_PRIORITY_BYTES_PER_SLOT if self.priority_alpha else 0)
+        total_bytes = sum(leaf_bytes.values()) + rows * lanes * per_slot
         try:
             whole = {p: torch.zeros((sizes[p] * lanes, *s.shape), dtype=s.dtype, device=device)
                      for p, s in specs.items()}
             ix = EpisodeIndex.empty(rows, lanes, device)
             row_stats = torch.zeros(rows, 3, dtype=torch.float64, device=device)
+            tree = None
+            if self.priority_alpha is not None:
+                tree = PriorityTree.empty(rows * lanes, lanes, self.priority_alpha, self.priority_eps, device)
         except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
             biggest = sorted(leaf_bytes.items(), key=lambda kv: -kv[1])[:4]
             listed = ", ".join(f"{p!r}: {n:,} B" for p, n in biggest)
             raise ValueError(
                 f"capacity: cannot allocate {total_bytes:,} bytes on {device} for capacity="
                 f"{self.capacity} ({rows} rows x {lanes} lanes; largest leaves {listed}; "
-                f"episode index {rows * lanes * _INDEX_BYTES_PER_SLOT:,} B); lower capacity"
+                f"episode index{' and priorities' if self.priority_alpha else ''} "
+                f"{rows * lanes * per_slot:,} B); lower capacity"
                 f"{', final_obs_capacity' if same_step and next_leaves else ''} or store smaller "
                 f"leaves") from err
         gen = torch.Generator(device=device)
@@ -468,6 +507,7 @@ class ReplayBuffer:
             "_storage": storage,
             "_flat": {p: t.view(rows * lanes, *specs[p].shape) for p, t in storage.items()},
             "_ix": ix,
+            "_tree": tree,
             "_rng": ops.Rng(gen, self._seed),
             "_next_leaves": next_leaves,
             "_next_src": {p: whole[p] for p in next_leaves},
@@ -490,8 +530,22 @@ class ReplayBuffer:
         entries = [(t, 0) for t in self._flat.values()]
         return dict(zip(self._flat, self._ops.gather(entries, (slots,))))
 
-    def sample(self, batch_size: int, *, n_step: int = 1, gamma: float | None = None) -> dict[str, Any]:
-        """B transitions, uniform over live slots whose successor row has been written.
+    def _beta(self, priority_beta: Any) -> float | None:
+        """The weight exponent of a prioritized sample (None for a uniform buffer)."""
+        if self.priority_alpha is None:
+            if priority_beta is not None:
+                raise ValueError(f"priority_beta: the buffer samples uniformly (priority_alpha=None), "
+                                 f"got priority_beta={priority_beta!r}; construct it with "
+                                 f"priority_alpha= to draw by priority")
+            return None
+        if priority_beta is None:
+            return DEFAULT_BETA
+        return _real(priority_beta, "priority_beta", 0.0, 1.0)
+
+    def sample(self, batch_size: int, *, n_step: int = 1, gamma: float | None = None,
+               priority_beta: float | None = None) -> dict[str, Any]:
+        """B transitions whose successor row has been written: uniform over live slots, or with
+        ``priority_alpha`` in proportion to their priority (one draw per equal-mass segment).
 
         Returns every leaf at ``[B, *leaf_shape]``, and
           ``next``: {key: [B, *leaf_shape]} the successor of each ``next_keys`` leaf: the next
@@ -500,8 +554,13 @@ class ReplayBuffer:
             its final observation was not given or was dropped);
           ``is_first``, ``is_last``, ``terminated``, ``truncated`` [B] bool;
           ``valid`` [B] bool: False for items whose proposals were all rejected (only possible
-            with ``autoreset="next_step"``);
-          ``index`` [B] int64 ring slot ``row * N + lane``.
+            with ``autoreset="next_step"``, or prioritized when nothing can be drawn);
+          ``index`` [B] int64 transition id ``absolute_row * N + lane`` (absolute rows count
+            adds since construction; the ring slot is ``index % capacity``), what
+            :meth:`update_priorities` takes;
+          ``weight`` [B] float32 (prioritized only): importance weights ``(N * P(i)) **
+            -priority_beta`` divided by the largest over the stored transitions (that of the
+            smallest priority), so every weight is in (0, 1]; ``priority_beta`` defaults to 0.4.
 
         With ``gamma`` (required when ``n_step > 1``), each transition at row t covers a segment
         of k = min(n_step, rows left in its episode counting t, rows whose successor is written)
@@ -522,18 +581,24 @@ class ReplayBuffer:
                 raise ValueError(f"gamma: expected a float in [0, 1], got {gamma}")
         elif n_step > 1:
             raise ValueError(f"gamma: n_step={n_step} needs the discount gamma to sum the rewards")
+        beta = self._beta(priority_beta)
         if self._total < 2:
             raise ValueError(f"sample: needs at least 2 adds (a transition is complete once the "
                              f"next row is written), the buffer has {self._total}")
         if gamma is not None and not self._reward_tracked:
             raise ValueError("gamma: n-step returns sum the reward_key leaf, and this buffer has "
                              "reward_key=None")
-        tries = self.max_proposals if self._next_step else 1
         final_rows = 0 if self._next_step else self._final_rows
-        links = self._ops.sample_transitions(self._ix, self._rng, batch_size, tries, self._next_step,
-                                             final_rows)
-        slot, valid = links["slot"], links["valid"]
+        if beta is None:
+            tries = self.max_proposals if self._next_step else 1
+            links = self._ops.sample_transitions(self._ix, self._rng, batch_size, tries, self._next_step,
+                                                 final_rows)
+        else:
+            links = self._ops.sample_prioritized_transitions(self._ix, self._tree, self._rng, batch_size,
+                                                             self._next_step, final_rows, beta)
+        slot, valid, index = links["slot"], links["valid"], links["index"]
         is_first, is_last = links["is_first"], links["is_last"]
+        weight = links.get("weight")
         if gamma is not None:
             seg = self._ops.nstep(self._ix, slot, links["row"], self._flat[self.reward_key].view(-1),
                                   n_step, float(gamma), final_rows, self._next_step)
@@ -551,7 +616,9 @@ class ReplayBuffer:
         out["terminated"] = links["terminated"]
         out["truncated"] = links["truncated"]
         out["valid"] = torch.ones_like(is_last) if valid is None else valid
-        out["index"] = slot
+        out["index"] = index
+        if weight is not None:
+            out["weight"] = weight
         if gamma is not None:
             out["return"] = links["return"]
             out["n_steps"] = links["n_steps"]
@@ -559,28 +626,86 @@ class ReplayBuffer:
             out["target_valid"] = links["next_valid"] | links["terminated"]
         return out
 
-    def sample_sequences(self, batch_size: int, length: int) -> dict[str, Any]:
+    def sample_sequences(self, batch_size: int, length: int, *,
+                         priority_beta: float | None = None) -> dict[str, Any]:
         """B windows of ``length`` consecutive rows of one lane, inside one episode and inside
-        live data, uniform over all such windows; the cost does not grow with capacity.
+        live data, uniform over all such windows; the cost does not grow with capacity. With
+        ``priority_alpha``, a window's first slot is drawn in proportion to its priority (the
+        R2D2 convention: update with ``index[:, 0]``) and windows that are not admissible are
+        rejected, so draws stay proportional among admissible windows; a window then starts on
+        a row whose successor is written.
 
         Returns every leaf at ``[B, L, *leaf_shape]``, and ``is_first``, ``is_last`` [B, L]
         bool, ``valid`` [B] bool (False for items whose ``max_proposals`` proposals all crossed
-        an episode boundary; their data is not a window of one episode), ``index`` [B, L] slots.
+        an episode boundary; their data is not a window of one episode), ``index`` [B, L]
+        transition ids (as :meth:`sample`), and when prioritized ``weight`` [B] float32 (of the
+        first slot, as :meth:`sample`; 0 where ``valid`` is False).
         """
         batch_size = self._check_batch(batch_size)
         length = _positive_int(length, "length")
         if length > self._rows:
             raise ValueError(f"length: expected at most T={self._rows} rows per lane, got {length}")
+        beta = self._beta(priority_beta)
         if self._total < length:
             raise ValueError(f"length: no window of {length} rows fits in the {self.live_rows} "
                              f"live rows; add more steps first")
-        win = self._ops.sample_windows(self._ix, self._rng, batch_size, self.max_proposals, length)
+        if beta is None:
+            win = self._ops.sample_windows(self._ix, self._rng, batch_size, self.max_proposals, length)
+        else:
+            win = self._ops.sample_prioritized_windows(self._ix, self._tree, self._rng, batch_size,
+                                                       self.max_proposals, length, beta)
         out: dict[str, Any] = unflatten(self._gather(win["slots"]))
         out["is_first"] = win["is_first"]
         out["is_last"] = win["is_last"]
         out["valid"] = win["valid"]
-        out["index"] = win["slots"]
+        out["index"] = win["index"]
+        if beta is not None:
+            out["weight"] = win["weight"]
         return out
+
+    def update_priorities(self, index: Any, priority: Any, *, check: bool = False) -> None:
+        """Set the priority of the transitions ``index`` (a sample's ``"index"``; for sequences
+        ``index[:, 0]``) to ``priority`` (finite values >= 0; ``priority_eps`` is added), on the
+        device with no host sync.
+
+        index: integer tensor (or array) of transition ids, any shape; priority: real tensor or
+            array of as many elements, on any device (copied to the buffer's), detached.
+        An id whose transition has been overwritten since it was sampled (the ring wrapped past
+        it), or that names no drawable transition (the newest row, a reset row), changes
+        nothing; so does a negative or non-finite priority, unless ``check=True``, which raises a
+        ValueError for it (reading the values: a host sync). Of repeated ids in one call the
+        last one applies. The largest ``priority + priority_eps`` applied so far is what new
+        transitions enter with.
+        """
+        if self.priority_alpha is None:
+            raise ValueError("update_priorities: the buffer samples uniformly (priority_alpha=None); "
+                             "construct it with priority_alpha= to draw by priority")
+        if self._ix is None:
+            raise ValueError("update_priorities: the buffer is empty; add steps and sample first")
+        device = self._device
+        index = as_tensor(index, "index", device)
+        priority = as_tensor(priority, "priority", device)
+        if index.dtype.is_floating_point or index.dtype.is_complex or index.dtype == torch.bool:
+            raise TypeError(f"index: expected an integer tensor of transition ids, got {index.dtype}")
+        if priority.dtype.is_complex or priority.dtype == torch.bool:
+            raise TypeError(f"priority: expected a real tensor, got {priority.dtype}")
+        if index.numel() != priority.numel():
+            raise ValueError(f"priority: expected {index.numel()} values (one per index, index shape "
+                             f"{tuple(index.shape)}), got shape {tuple(priority.shape)}")
+        if index.numel() > MAX_BATCH:
+            raise ValueError(f"index: expected at most {MAX_BATCH} ids, got {index.numel()}")
+        index = index.detach().reshape(-1).to(device=device, dtype=torch.int64).contiguous()
+        priority = priority.detach().reshape(-1).to(device=device, dtype=torch.float32).contiguous()
+        if check:
+            bad = ~(torch.isfinite(priority) & (priority >= 0))
+            if bool(bad.any()):
+                first = int(bad.to(torch.uint8).argmax())
+                raise ValueError(f"priority: expected finite values >= 0, got {priority[first].item()} "
+                                 f"at position {first}")
+        if index.numel() == 0:
+            return
+        with torch.no_grad():
+            self._ops.update_priorities(self._ix, self._tree, index, priority)
 
     def sample_episodes(self, batch_size: int, max_rows: int | None = None) -> dict[str, Any]:
         """B finished episodes whose rows are all stored, uniform over such episodes, packed.
@@ -601,7 +726,9 @@ class ReplayBuffer:
         (episode b is rows ``cu_seqlens[b]:cu_seqlens[b + 1]``), ``length``, ``lane``,
         ``episode_return`` [B] (absent when ``reward_key=None``), ``truncated`` [B] bool,
         ``valid`` [B] bool, ``mask`` [max_rows] bool (rows that belong to an episode),
-        ``is_first``, ``is_last`` [max_rows], ``num_rows`` [] int64.
+        ``is_first``, ``is_last`` [max_rows], ``index`` [max_rows] transition ids (as
+        :meth:`sample`; -1 outside ``mask``), ``num_rows`` [] int64. Episodes are drawn uniformly
+        also when the buffer is prioritized.
         :func:`gpubuffers.pad_episodes` turns it into ``[B, L, ...]``.
         """
         batch_size = self._check_batch(batch_size)
@@ -627,7 +754,15 @@ class ReplayBuffer:
         out["is_first"] = packed["is_first"]
         out["is_last"] = packed["is_last"]
         out["num_rows"] = packed["cu_seqlens"][-1]
+        out["index"] = self._row_ids(packed["slot"], packed["mask"])
         return out
+
+    def _row_ids(self, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Transition ids of packed rows at ``slot`` (-1 where ``mask`` is False), their absolute
+        rows read from the device cursor."""
+        oldest = live_span(self._ix)[1]
+        row = oldest + (slot.div(self._lanes, rounding_mode="floor") - oldest) % self._rows
+        return torch.where(mask, transition_ids(row, slot, self._lanes), -1)
 
     def _longest_episode(self) -> int:
         """A power of two at least the longest whole stored episode, never shrinking: read from

@@ -67,7 +67,8 @@ def backend(device: torch.device, name: str | None = None):
 
 #: Every op a backend offers the buffer; both backends define each of them.
 OPS = ("add_step", "record_ends", "store_finals", "advance", "sample_transitions", "nstep",
-       "sample_windows", "sample_episode_ends", "whole_episode_ends", "pack_episodes", "gather")
+       "sample_windows", "sample_episode_ends", "whole_episode_ends", "pack_episodes", "gather",
+       "promote", "update_priorities", "sample_prioritized_transitions", "sample_prioritized_windows")
 
 #: The ops that stay pure torch on the Triton backend (sync-free on CUDA, and graph-safe: they
 #: read the cursors from the device): small reductions and index arithmetic.
@@ -85,8 +86,9 @@ class TritonOps:
     pack_episodes = staticmethod(reference.pack_episodes)
 
     def __init__(self) -> None:
-        from .kernels import episode_index, finals, gather, returns, sampling
+        from .kernels import episode_index, finals, gather, priority, returns, sampling
 
+        self._priority = priority
         self._returns = returns
         self._episode_index = episode_index
         self._finals = finals
@@ -142,4 +144,21 @@ class TritonOps:
     def sample_episode_ends(self, ix, cum, rng: Rng, batch):
         out = self._sampling.episode_ends(cum, ix.state, rng.seed, batch)
         self._drew(ix, rng, batch)
+        return out
+
+    def promote(self, ix, tree):
+        self._priority.promote(ix.start, ix.state, tree)
+
+    def update_priorities(self, ix, tree, index, priority):
+        self._priority.update_priorities(ix.start, ix.state, tree, index, priority)
+
+    def sample_prioritized_transitions(self, ix, tree, rng: Rng, batch, next_step, final_rows, beta):
+        out = self._priority.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, ix.state, tree,
+                                         rng.seed, batch, next_step, final_rows, beta)
+        self._drew(ix, rng, batch)
+        return out
+
+    def sample_prioritized_windows(self, ix, tree, rng: Rng, batch, tries, length, beta):
+        out = self._priority.windows(ix.start, ix.end_flags, ix.state, tree, rng.seed, batch, tries, length, beta)
+        self._drew(ix, rng, batch * tries)
         return out

@@ -18,7 +18,7 @@ import torch
 RESERVED_KEYS = frozenset(
     {"next", "next_valid", "is_first", "is_last", "terminated", "truncated", "valid",
      "index", "lane", "cu_seqlens", "length", "mask", "num_rows", "episode_return",
-     "return", "n_steps", "discount", "target_valid"}
+     "return", "n_steps", "discount", "target_valid", "weight"}
 )
 
 

@@ -91,9 +91,26 @@ def links(end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, 
     return succ, is_last, terminated, truncated, next_valid
 
 
+@triton.jit
+def store_transitions(slots_ptr, row_ptr, index_ptr, masks_ptr, item, mask, batch, lanes, slot, succ, row,
+                      found, is_first, is_last, terminated, truncated, next_valid):
+    """Write the transitions a sampler picked: [2, B] (slot, succ), row, transition id
+    ``row * N + lane``, and the [6, B] masks in the order of MASKS."""
+    tl.store(slots_ptr + item, slot, mask=mask)
+    tl.store(slots_ptr + batch + item, succ, mask=mask)
+    tl.store(row_ptr + item, row, mask=mask)
+    tl.store(index_ptr + item, row * lanes + slot % lanes, mask=mask)
+    tl.store(masks_ptr + item, found.to(tl.int8), mask=mask)
+    tl.store(masks_ptr + batch + item, is_first.to(tl.int8), mask=mask)
+    tl.store(masks_ptr + 2 * batch + item, is_last.to(tl.int8), mask=mask)
+    tl.store(masks_ptr + 3 * batch + item, terminated.to(tl.int8), mask=mask)
+    tl.store(masks_ptr + 4 * batch + item, truncated.to(tl.int8), mask=mask)
+    tl.store(masks_ptr + 5 * batch + item, next_valid.to(tl.int8), mask=mask)
+
+
 @triton.jit(do_not_specialize=["seed", "batch", "tries", "rows", "lanes", "total", "final_rows"])
 def _transitions_kernel(
-    slots_ptr, row_ptr, masks_ptr,                 # outputs: [2, B] (slot, succ), [B], [6, B]
+    slots_ptr, row_ptr, index_ptr, masks_ptr,      # outputs: [2, B] (slot, succ), [B], [B], [6, B]
     start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr, state_ptr,   # index, cursors
     seed, batch, tries, rows, lanes, total, final_rows,
     NEXT_STEP: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_: tl.constexpr,
@@ -112,20 +129,13 @@ def _transitions_kernel(
     succ, is_last, terminated, truncated, next_valid = links(
         end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, final_rows,
         NEXT_STEP, HAS_FINAL, BLOCK_)
-    tl.store(slots_ptr + item, slot, mask=mask)
-    tl.store(slots_ptr + batch + item, succ, mask=mask)
-    tl.store(row_ptr + item, row, mask=mask)
-    tl.store(masks_ptr + item, found.to(tl.int8), mask=mask)
-    tl.store(masks_ptr + batch + item, is_first.to(tl.int8), mask=mask)
-    tl.store(masks_ptr + 2 * batch + item, is_last.to(tl.int8), mask=mask)
-    tl.store(masks_ptr + 3 * batch + item, terminated.to(tl.int8), mask=mask)
-    tl.store(masks_ptr + 4 * batch + item, truncated.to(tl.int8), mask=mask)
-    tl.store(masks_ptr + 5 * batch + item, next_valid.to(tl.int8), mask=mask)
+    store_transitions(slots_ptr, row_ptr, index_ptr, masks_ptr, item, mask, batch, lanes, slot, succ, row,
+                      found, is_first, is_last, terminated, truncated, next_valid)
 
 
 @triton.jit(do_not_specialize=["seed", "batch", "tries", "rows", "lanes", "total", "length"])
 def _windows_kernel(
-    slots_ptr, first_ptr, last_ptr, valid_ptr,     # outputs: [B, L] slots, [B, L] is_first/is_last, [B]
+    slots_ptr, index_ptr, first_ptr, last_ptr, valid_ptr,  # outputs: [B, L] slots, ids, is_first/is_last, [B]
     start_ptr, end_flags_ptr, state_ptr,           # index, cursors
     seed, batch, tries, rows, lanes, total, length,
     BLOCK_: tl.constexpr,
@@ -141,12 +151,14 @@ def _windows_kernel(
                                                  base_row, lanes, total, length, BLOCK_)
     tl.store(valid_ptr + item, found.to(tl.int8), mask=mask)
     out = item.to(tl.int64) * length
+    lane = end_slot % lanes
     for j in range(length):
         back = tl.zeros([], tl.int64) + (length - 1 - j)  # int64: back * lanes may pass 2**31
         slot = (end_slot - back * lanes + total) % total
         first = tl.load(start_ptr + slot, mask=mask, other=0) == end_row - back
         last = tl.load(end_flags_ptr + slot, mask=mask, other=0) != 0
         tl.store(slots_ptr + out + j, slot, mask=mask)
+        tl.store(index_ptr + out + j, (end_row - back) * lanes + lane, mask=mask)
         tl.store(first_ptr + out + j, first.to(tl.int8), mask=mask)
         tl.store(last_ptr + out + j, last.to(tl.int8), mask=mask)
 
@@ -154,20 +166,22 @@ def _windows_kernel(
 def windows(start: torch.Tensor, end_flags: torch.Tensor, state: torch.Tensor, seed: int, batch: int,
             tries: int, length: int) -> dict:
     """Admissible windows of ``length`` rows among the live rows the cursors ``state`` give:
-    ``slots``, ``is_first``, ``is_last`` [B, L] and ``valid`` [B], in one launch."""
+    ``slots``, ``index`` (transition ids), ``is_first``, ``is_last`` [B, L] and ``valid`` [B], in
+    one launch."""
     rows, lanes = start.shape
     if start.dtype != torch.int64 or not start.is_contiguous():
         raise ValueError("start: expected a contiguous int64 tensor [T, N]")
     device = start.device
     slots = torch.empty(batch, length, dtype=torch.int64, device=device)
+    index = torch.empty(batch, length, dtype=torch.int64, device=device)
     first = torch.empty(batch, length, dtype=torch.bool, device=device)
     last = torch.empty(batch, length, dtype=torch.bool, device=device)
     valid = torch.empty(batch, dtype=torch.bool, device=device)
     grid = (triton.cdiv(batch, BLOCK),)
-    _windows_kernel[grid](slots, first.view(torch.int8), last.view(torch.int8), valid.view(torch.int8),
+    _windows_kernel[grid](slots, index, first.view(torch.int8), last.view(torch.int8), valid.view(torch.int8),
                           start, end_flags, state, seed, batch, tries, rows, lanes, rows * lanes, length,
                           BLOCK_=BLOCK)
-    return {"slots": slots, "is_first": first, "is_last": last, "valid": valid}
+    return {"slots": slots, "index": index, "is_first": first, "is_last": last, "valid": valid}
 
 
 MASKS = ("valid", "is_first", "is_last", "terminated", "truncated", "next_valid")
@@ -179,7 +193,7 @@ def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.T
     """Transitions whose successor row is written among the live rows the cursors ``state``
     give, and their links, in one launch.
 
-    Returns [B] ``slot``, ``row``, ``succ`` (into the extended next source, as
+    Returns [B] ``slot``, ``row``, ``index`` (the transition id ``row * N + lane``), ``succ`` (into the extended next source, as
     reference.transition_links) and the bool masks ``valid``, ``is_first``, ``is_last``,
     ``terminated``, ``truncated``, ``next_valid``; ``slots`` is the [2, B] (slot, succ) block.
     """
@@ -187,14 +201,15 @@ def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.T
     device = start.device
     slots = torch.empty(2, batch, dtype=torch.int64, device=device)
     row = torch.empty(batch, dtype=torch.int64, device=device)
+    index = torch.empty(batch, dtype=torch.int64, device=device)
     masks = torch.empty(len(MASKS), batch, dtype=torch.bool, device=device)
     grid = (triton.cdiv(batch, BLOCK),)
     _transitions_kernel[grid](
-        slots, row, masks.view(torch.int8), start, end_flags, final_idx, fin_head, state,
+        slots, row, index, masks.view(torch.int8), start, end_flags, final_idx, fin_head, state,
         seed, batch, tries, rows, lanes, rows * lanes, max(final_rows, 1),
         NEXT_STEP=next_step, HAS_FINAL=final_rows > 0, BLOCK_=BLOCK,
     )
-    out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row}
+    out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row, "index": index}
     out.update(zip(MASKS, masks.unbind(0)))
     return out
 

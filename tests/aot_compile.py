@@ -19,7 +19,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from gpubuffers.kernels import episode_index, finals, gather, returns, sampling  # noqa: E402
+from gpubuffers.kernels import episode_index, finals, gather, priority, returns, sampling  # noqa: E402
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 
@@ -56,7 +56,7 @@ KERNELS = [
      {"rows": "i32", "lanes": "i32"}, ["MARKS_LAST"],
      {"ADDS": episode_index.STATE_ADDS, "BLOCK_": episode_index.BLOCK}),
     ("transitions", sampling._transitions_kernel,
-     {"slots_ptr": "*i64", "row_ptr": "*i64", "masks_ptr": "*i8", "start_ptr": "*i64",
+     {"slots_ptr": "*i64", "row_ptr": "*i64", "index_ptr": "*i64", "masks_ptr": "*i8", "start_ptr": "*i64",
       "end_flags_ptr": "*u8", "final_idx_ptr": "*i64", "fin_head_ptr": "*i64", "state_ptr": "*i64"},
      {"seed": "i64", "batch": "i32", "tries": "i32", "rows": "i32", "lanes": "i32", "total": "i64",
       "final_rows": "i32"},
@@ -68,8 +68,8 @@ KERNELS = [
      {"gamma": "fp64", "batch": "i32", "n_step": "i32", "lanes": "i32", "total": "i64", "final_rows": "i32"},
      ["NEXT_STEP", "HAS_FINAL"], {"ADDS": returns.STATE_ADDS, "BLOCK_": returns.BLOCK}),
     ("windows", sampling._windows_kernel,
-     {"slots_ptr": "*i64", "first_ptr": "*i8", "last_ptr": "*i8", "valid_ptr": "*i8", "start_ptr": "*i64",
-      "end_flags_ptr": "*u8", "state_ptr": "*i64"},
+     {"slots_ptr": "*i64", "index_ptr": "*i64", "first_ptr": "*i8", "last_ptr": "*i8", "valid_ptr": "*i8",
+      "start_ptr": "*i64", "end_flags_ptr": "*u8", "state_ptr": "*i64"},
      {"seed": "i64", "batch": "i32", "tries": "i32", "rows": "i32", "lanes": "i32", "total": "i64",
       "length": "i32"},
      [], {"BLOCK_": sampling.BLOCK}),
@@ -84,6 +84,42 @@ KERNELS = [
       "set_tab": "*i64", "slots_ptr": "*i64"},
      {"n_items": "i32"}, ["HAS_W8", "HAS_W4", "HAS_W2", "HAS_W1"],
      {"BI": gather.BLOCK_ITEMS, "BW": gather.BLOCK_WORDS}),
+]
+
+# Prioritized replay: the update launches, the level refresh, and the two samplers.
+_TREE = {"leaf_ptr": "*fp32", "sums_ptr": "*fp64", "mins_ptr": "*fp32", "offs_ptr": "*i64"}
+KERNELS += [
+    ("priority elect", priority._elect_kernel,
+     {"keys_ptr": "*i64", "bits_ptr": "*i32", "index_ptr": "*i64", "prio_ptr": "*fp32", "start_ptr": "*i64",
+      "state_ptr": "*i64"},
+     {"count": "i32", "rows": "i32", "lanes": "i32", "capacity": "i64", "spare": "i64"}, [],
+     {"BLOCK_": priority.BLOCK}),
+    ("priority write", priority._write_kernel,
+     {"leaf_ptr": "*fp32", "maxp_ptr": "*fp32", "nodes_ptr": "*i64", "bits_ptr": "*i32", "keys_ptr": "*i64",
+      "prio_ptr": "*fp32", "alpha": "fp32", "eps": "fp32"},
+     {"count": "i32", "capacity": "i64", "spare": "i64"}, [], {"BLOCK_": priority.BLOCK}),
+    ("priority promote", priority._promote_kernel,
+     {"leaf_ptr": "*fp32", "slots_ptr": "*i64", "start_ptr": "*i64", "state_ptr": "*i64", "maxp_ptr": "*fp32",
+      "alpha": "fp32"},
+     {"rows": "i32", "lanes": "i32"}, [], {"BLOCK_": priority.BLOCK}),
+    ("priority refresh", priority._refresh_kernel,
+     {"sums_ptr": "*fp64", "mins_ptr": "*fp32", "leaf_ptr": "*fp32", "slots_ptr": "*i64"},
+     {"count": "i32", "span": "i64", "size": "i64", "below_off": "i64", "level_off": "i64"},
+     ["LEAVES", "WHOLE"], {"F": 32, "BLOCK_": priority.BLOCK}),
+    ("priority transitions", priority._transitions_kernel,
+     {"slots_ptr": "*i64", "row_ptr": "*i64", "index_ptr": "*i64", "weight_ptr": "*fp32", "masks_ptr": "*i8",
+      **_TREE, "end_flags_ptr": "*u8", "start_ptr": "*i64", "final_idx_ptr": "*i64", "fin_head_ptr": "*i64",
+      "state_ptr": "*i64", "beta": "fp32"},
+     {"seed": "i64", "batch": "i32", "rows": "i32", "lanes": "i32", "total": "i64", "final_rows": "i32",
+      "root": "i64"},
+     ["NEXT_STEP", "HAS_FINAL"], {"DEPTH": 5, "F": 32, "BLOCK_": priority.DRAW_BLOCK}),
+    ("priority windows", priority._windows_kernel,
+     {"slots_ptr": "*i64", "first_ptr": "*i8", "last_ptr": "*i8", "valid_ptr": "*i8", "index_ptr": "*i64",
+      "weight_ptr": "*fp32", **_TREE, "start_ptr": "*i64", "end_flags_ptr": "*u8", "state_ptr": "*i64",
+      "beta": "fp32"},
+     {"seed": "i64", "batch": "i32", "tries": "i32", "rows": "i32", "lanes": "i32", "total": "i64",
+      "length": "i32", "root": "i64"},
+     [], {"DEPTH": 5, "F": 32, "BLOCK_": priority.DRAW_BLOCK}),
 ]
 
 # store_finals: one kernel per word size (its typed side/value pointers) and tile shape.

@@ -29,27 +29,45 @@ def fill(buf, adds, seed=0, final=True):
 @pytest.mark.parametrize("marks", ["first", "last"])
 @pytest.mark.parametrize("autoreset", ["same_step", "next_step"])
 def test_cuda_defaults_to_triton_and_matches_torch_index(marks, autoreset):
-    a = ReplayBuffer(64 * N, N, done_marks=marks, autoreset=autoreset, seed=0)
-    b = ReplayBuffer(64 * N, N, done_marks=marks, autoreset=autoreset, seed=0, backend="torch")
+    a = ReplayBuffer(64 * N, N, done_marks=marks, autoreset=autoreset, seed=0, priority_alpha=0.6)
+    b = ReplayBuffer(64 * N, N, done_marks=marks, autoreset=autoreset, seed=0, backend="torch",
+                     priority_alpha=0.6)
     fill(a, 150)
     fill(b, 150)
     assert a._ops.name == "triton"
     for name in ("start", "end_flags", "ret", "final_idx", "fin_head"):
         assert torch.equal(getattr(a.index, name), getattr(b.index, name)), name
+    # Priorities: every stored transition at the initial 1.0 (exact sums), then one update.
+    ids = torch.arange(100 * N, 140 * N, 3, device="cuda")
+    prio = (torch.arange(ids.shape[0], device="cuda") % 8).float() / 4
+    for buf in (a, b):
+        buf.update_priorities(ids, prio)
+    for name in ("leaf", "sums", "mins", "maxp"):
+        x, y = getattr(a._tree, name), getattr(b._tree, name)
+        if name == "leaf":
+            x, y = x[:-1], y[:-1]
+        assert torch.allclose(x, y, rtol=1e-6, atol=0) and torch.equal(x > 0, y > 0), name
 
 
 @pytest.mark.parametrize("autoreset", ["same_step", "next_step"])
-def test_no_host_sync_in_add_and_samplers(autoreset):
-    buf = ReplayBuffer(64 * N, N, done_marks="last", autoreset=autoreset, seed=0)
+@pytest.mark.parametrize("prio", [None, 0.6])
+def test_no_host_sync_in_add_and_samplers(autoreset, prio):
+    buf = ReplayBuffer(64 * N, N, done_marks="last", autoreset=autoreset, seed=0, priority_alpha=prio)
     fill(buf, 70)
-    buf.sample(256), buf.sample_sequences(64, 8), buf.sample_episodes(8, max_rows=512)  # warm-up
+    s = buf.sample(256, n_step=3, gamma=0.99)  # warm-up
+    buf.sample_sequences(64, 8), buf.sample_episodes(8, max_rows=512)
+    if prio:
+        buf.update_priorities(s["index"], s["return"].abs())
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         fill(buf, 5)
         for _ in range(3):
-            buf.sample(256)
-            buf.sample_sequences(64, 8)
+            s = buf.sample(256, n_step=3, gamma=0.99)
+            q = buf.sample_sequences(64, 8)
+            if prio:
+                buf.update_priorities(s["index"], s["return"].abs())
+                buf.update_priorities(q["index"][:, 0], torch.rand(64, device="cuda"))
             buf.sample_episodes(8, max_rows=512)
             buf.episode_stats()
     finally:
@@ -82,13 +100,14 @@ def refill(inputs, k, g):
     trunc.copy_(torch.rand(N, generator=g, device="cuda") < 0.05)
 
 
+@pytest.mark.parametrize("prio", [None, 0.6])
 @pytest.mark.parametrize("marks", ["first", "last"])
-def test_add_and_sample_replay_in_a_cuda_graph(marks):
+def test_add_and_sample_replay_in_a_cuda_graph(marks, prio):
     # add + every sampler captured once and replayed K times equals K eager calls: every replay
     # writes a new row (the cursors live on the device) and draws new samples.
     K = 5
-    eager = ReplayBuffer(64 * N, N, done_marks=marks, seed=0)
-    graphed = ReplayBuffer(64 * N, N, done_marks=marks, seed=0)
+    eager = ReplayBuffer(64 * N, N, done_marks=marks, seed=0, priority_alpha=prio)
+    graphed = ReplayBuffer(64 * N, N, done_marks=marks, seed=0, priority_alpha=prio)
     fill(eager, 62)
     fill(graphed, 62)  # the replays wrap the 64-row ring
     inputs = static_inputs()
@@ -96,8 +115,11 @@ def test_add_and_sample_replay_in_a_cuda_graph(marks):
     def call(buf):
         step, term, trunc, final = inputs
         buf.add(step, terminated=term, truncated=trunc, final_obs=final)
-        return (buf.sample(512), buf.sample_sequences(64, 8), buf.sample_episodes(8, max_rows=512),
-                buf.episode_stats(), buf.episode_stats(last_rows=4))
+        out = (buf.sample(512), buf.sample_sequences(64, 8), buf.sample_episodes(8, max_rows=512),
+               buf.episode_stats(), buf.episode_stats(last_rows=4))
+        if prio:
+            buf.update_priorities(out[0]["index"], out[0]["obs"][:, 0].abs())
+        return out
 
     g_warm = torch.Generator(device="cuda").manual_seed(4)
     refill(inputs, -1, g_warm)
@@ -120,5 +142,9 @@ def test_add_and_sample_replay_in_a_cuda_graph(marks):
             assert torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True)), (k, i)
     for name in ("start", "end_flags", "ret", "final_idx", "fin_head", "state"):
         assert torch.equal(getattr(graphed.index, name), getattr(eager.index, name)), name
+    if prio:
+        for name in ("leaf", "sums", "mins", "maxp"):
+            x, y = getattr(graphed._tree, name), getattr(eager._tree, name)
+            assert torch.equal(x[:-1] if name == "leaf" else x, y[:-1] if name == "leaf" else y), name
     assert int(graphed.index.state[0]) == eager.num_adds
 

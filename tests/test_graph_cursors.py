@@ -20,9 +20,9 @@ MODES = [(m, a) for m in ("first", "last") for a in ("same_step", "next_step")]
 BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
 
 
-def make(marks, autoreset, backend):
+def make(marks, autoreset, backend, prio=None):
     return ReplayBuffer(ROWS * N, N, done_marks=marks, autoreset=autoreset, seed=11, backend=backend,
-                        final_obs_capacity=4 * N)
+                        final_obs_capacity=4 * N, priority_alpha=prio)
 
 
 def step_for(k, g):
@@ -32,10 +32,17 @@ def step_for(k, g):
             torch.randn(N, 3, generator=g))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("marks,autoreset", MODES)
-def test_replays_with_frozen_host_values_equal_eager_calls(marks, autoreset, backend):
-    eager, replayed = make(marks, autoreset, backend), make(marks, autoreset, backend)
+# Prioritized: every mode on the reference; on the interpreter (slow) the two modes that mix the
+# conventions, which between them run every prioritized kernel branch.
+CASES = ([(m, a, b, None) for m, a in MODES for b in BACKENDS]
+         + [(m, a, "torch", 0.6) for m, a in MODES]
+         + [(m, a, b, 0.6) for m, a in (("first", "next_step"), ("last", "same_step"))
+            for b in BACKENDS if b != "torch"])
+
+
+@pytest.mark.parametrize("marks,autoreset,backend,prio", CASES)
+def test_replays_with_frozen_host_values_equal_eager_calls(marks, autoreset, backend, prio):
+    eager, replayed = make(marks, autoreset, backend, prio), make(marks, autoreset, backend, prio)
     g = torch.Generator().manual_seed(0)
     same_step = autoreset == "same_step"
     for k in range(6):  # warm-up, as before a capture
@@ -50,8 +57,11 @@ def test_replays_with_frozen_host_values_equal_eager_calls(marks, autoreset, bac
 
     def call(buf):
         buf.add(obs, done, truncated=trunc, final_obs=final if same_step else None)
-        return (buf.sample(16), buf.sample_sequences(4, 2), buf.sample_episodes(3, max_rows=24),
-                buf.episode_stats(), buf.episode_stats(2))
+        out = (buf.sample(16), buf.sample_sequences(4, 2), buf.sample_episodes(3, max_rows=24),
+               buf.episode_stats(), buf.episode_stats(2))
+        if prio:  # priorities from this sample, for the next draws
+            buf.update_priorities(out[0]["index"], out[0]["obs"][:, 0].abs())
+        return out
 
     for k in range(K):
         nxt = step_for(100 + k, g)
@@ -70,6 +80,9 @@ def test_replays_with_frozen_host_values_equal_eager_calls(marks, autoreset, bac
                 (k, i)
     for name in ("start", "end_flags", "ret", "final_idx", "fin_head", "state"):
         assert torch.equal(getattr(eager.index, name), getattr(replayed.index, name)), name
+    if prio:
+        for name in ("leaf", "sums", "mins", "maxp"):
+            assert torch.equal(getattr(eager._tree, name), getattr(replayed._tree, name)), name
     assert int(replayed.index.state[0]) == eager.num_adds  # the device counted every replay
 
 

@@ -41,6 +41,17 @@ def philox4x32(seed: int, offset: torch.Tensor, rounds: int = 10) -> tuple[torch
     return c0, c1, c2, c3
 
 
+def philox_uniform(seed: int, offset: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """float64 uniforms in [0, 1) at counters ``offset + arange(numel)`` (row-major): two 32-bit
+    words give 53 bits, exact in float64."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    counters = torch.arange(numel, dtype=torch.int64, device=device).add_(offset).view(shape)
+    r0, r1, _, _ = philox4x32(seed, counters)
+    return ((r0 >> 5) * (1 << 26) + (r1 >> 6)).double() * (2.0 ** -53)
+
+
 def philox_below(seed: int, offset: int, shape: tuple[int, ...], high: int | torch.Tensor,
                  device: torch.device) -> torch.Tensor:
     """int64 draws uniform in ``[0, high)`` at counters ``offset + arange(numel)`` (row-major).
@@ -48,10 +59,4 @@ def philox_below(seed: int, offset: int, shape: tuple[int, ...], high: int | tor
     Two 32-bit words give a 53-bit uniform ``u`` in [0, 1) (exact in float64); the draw is
     ``floor(u * high)``, whose bias is below ``high / 2**53``. ``high`` may be a device tensor.
     """
-    numel = 1
-    for s in shape:
-        numel *= s
-    counters = torch.arange(numel, dtype=torch.int64, device=device).add_(offset).view(shape)
-    r0, r1, _, _ = philox4x32(seed, counters)
-    u = ((r0 >> 5) * (1 << 26) + (r1 >> 6)).double() * (2.0 ** -53)
-    return (u * high).long()
+    return (philox_uniform(seed, offset, shape, device) * high).long()

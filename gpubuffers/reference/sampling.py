@@ -21,6 +21,12 @@ def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.view(-1).index_select(0, index.reshape(-1)).view(index.shape)
 
 
+def transition_ids(row: torch.Tensor, slot: torch.Tensor, lanes: int) -> torch.Tensor:
+    """Transition ids ``absolute_row * N + lane`` (broadcasting ``row`` and ``slot``): unlike a
+    slot, an id names one transition for the life of the buffer."""
+    return row * lanes + slot % lanes
+
+
 def first_choice(ok: torch.Tensor, *proposed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Pick, per row of [B, M] proposals, the first accepted one: (*chosen [B], valid [B]).
 
@@ -193,11 +199,11 @@ def pack_episodes(ix: EpisodeIndex, end_slot: torch.Tensor, valid: torch.Tensor,
 def transitions(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int, next_step: bool,
                 final_rows: int) -> dict:
     """Pick transitions from [B, M] proposals (see :func:`transition_slots`) and describe them
-    (see :func:`transition_links`): one dict with ``slot``, ``row``, ``valid`` (None when every
-    proposal is accepted) and the links."""
+    (see :func:`transition_links`): one dict with ``slot``, ``row``, ``index`` (transition ids),
+    ``valid`` (None when every proposal is accepted) and the links."""
     slot, row, valid = transition_slots(ix, proposals, oldest, next_step)
     out = transition_links(ix, slot, row, final_rows, next_step)
-    out.update(slot=slot, row=row, valid=valid)
+    out.update(slot=slot, row=row, valid=valid, index=transition_ids(row, slot, ix.lanes))
     return out
 
 
@@ -211,12 +217,13 @@ def sample_transitions(ix: EpisodeIndex, rng, batch: int, tries: int, next_step:
 
 def windows(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int, length: int) -> dict:
     """Pick windows from [B, M] proposals (see :func:`window_ends`) and lay them out:
-    ``slots``, ``is_first``, ``is_last`` [B, L] and ``valid`` [B]."""
+    ``slots``, ``index`` (transition ids), ``is_first``, ``is_last`` [B, L] and ``valid`` [B]."""
     rows, lanes = ix.start.shape
     end_slot, end_row, valid = window_ends(ix, proposals, oldest, length)
     slots = window_slots(end_slot, length, rows, lanes)
     window_rows = end_row[:, None] - torch.arange(length - 1, -1, -1, device=end_slot.device)
-    return {"slots": slots, "is_first": take(ix.start, slots) == window_rows,
+    return {"slots": slots, "index": transition_ids(window_rows, end_slot[:, None], lanes),
+            "is_first": take(ix.start, slots) == window_rows,
             "is_last": take(ix.end_flags, slots) != 0, "valid": valid}
 
 
