@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..layout import SENTINEL, STATE_ADDS, STATE_OFFSET
-from .sampling import BLOCK, MASKS, links, store_transitions
+from .sampling import BLOCK, links, store_transitions, transition_dict, transition_outputs, window_outputs
 
 _SENTINEL = tl.constexpr(SENTINEL)
 _ADDS = tl.constexpr(STATE_ADDS)
@@ -305,19 +305,15 @@ def transitions(start, end_flags, final_idx, fin_head, state, tree, seed: int, b
                 next_step: bool, final_rows: int, beta: float) -> dict:
     """Stratified proportional transitions and their links, in one launch."""
     rows, lanes = start.shape
-    device = start.device
-    slots = torch.empty(2, batch, dtype=torch.int64, device=device)
-    row = torch.empty(batch, dtype=torch.int64, device=device)
-    index = torch.empty(batch, dtype=torch.int64, device=device)
-    weight = torch.empty(batch, dtype=torch.float32, device=device)
-    masks = torch.empty(len(MASKS), batch, dtype=torch.bool, device=device)
+    slots, row, index, masks = transition_outputs(batch, start.device)
+    weight = torch.empty(batch, dtype=torch.float32, device=start.device)
     _transitions_kernel[(triton.cdiv(batch, DRAW_BLOCK),)](
         slots, row, index, weight, masks.view(torch.int8), tree.leaf, tree.sums, tree.mins,
         _offsets(tree), end_flags, start, final_idx, fin_head, state,
         seed, batch, rows, lanes, rows * lanes, max(final_rows, 1), tree.offsets[-1], beta,
         DEPTH=tree.depth, F=tree.fanout, NEXT_STEP=next_step, HAS_FINAL=final_rows > 0, BLOCK_=DRAW_BLOCK)
-    out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row, "index": index, "weight": weight}
-    out.update(zip(MASKS, masks.unbind(0)))
+    out = transition_dict(slots, row, index, masks)
+    out["weight"] = weight
     return out
 
 
@@ -326,13 +322,8 @@ def windows(start, end_flags, state, tree, seed: int, batch: int, tries: int, le
     """Proportional windows: ``slots``, ``index``, ``is_first``, ``is_last`` [B, L], ``valid``
     and ``weight`` [B], in one launch."""
     rows, lanes = start.shape
-    device = start.device
-    slots = torch.empty(batch, length, dtype=torch.int64, device=device)
-    index = torch.empty(batch, length, dtype=torch.int64, device=device)
-    first = torch.empty(batch, length, dtype=torch.bool, device=device)
-    last = torch.empty(batch, length, dtype=torch.bool, device=device)
-    valid = torch.empty(batch, dtype=torch.bool, device=device)
-    weight = torch.empty(batch, dtype=torch.float32, device=device)
+    slots, index, first, last, valid = window_outputs(batch, length, start.device)
+    weight = torch.empty(batch, dtype=torch.float32, device=start.device)
     _windows_kernel[(triton.cdiv(batch, DRAW_BLOCK),)](
         slots, first.view(torch.int8), last.view(torch.int8), valid.view(torch.int8), index, weight,
         tree.leaf, tree.sums, tree.mins, _offsets(tree), start, end_flags, state,

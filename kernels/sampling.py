@@ -171,12 +171,7 @@ def windows(start: torch.Tensor, end_flags: torch.Tensor, state: torch.Tensor, s
     rows, lanes = start.shape
     if start.dtype != torch.int64 or not start.is_contiguous():
         raise ValueError("start: expected a contiguous int64 tensor [T, N]")
-    device = start.device
-    slots = torch.empty(batch, length, dtype=torch.int64, device=device)
-    index = torch.empty(batch, length, dtype=torch.int64, device=device)
-    first = torch.empty(batch, length, dtype=torch.bool, device=device)
-    last = torch.empty(batch, length, dtype=torch.bool, device=device)
-    valid = torch.empty(batch, dtype=torch.bool, device=device)
+    slots, index, first, last, valid = window_outputs(batch, length, start.device)
     grid = (triton.cdiv(batch, BLOCK),)
     _windows_kernel[grid](slots, index, first.view(torch.int8), last.view(torch.int8), valid.view(torch.int8),
                           start, end_flags, state, seed, batch, tries, rows, lanes, rows * lanes, length,
@@ -184,7 +179,31 @@ def windows(start: torch.Tensor, end_flags: torch.Tensor, state: torch.Tensor, s
     return {"slots": slots, "index": index, "is_first": first, "is_last": last, "valid": valid}
 
 
+def window_outputs(batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Empty outputs of a window sampler: slots, index [B, L] int64; is_first, is_last [B, L]
+    and valid [B] bool."""
+    i64, b = dict(dtype=torch.int64, device=device), dict(dtype=torch.bool, device=device)
+    return (torch.empty(batch, length, **i64), torch.empty(batch, length, **i64), torch.empty(batch, length, **b),
+            torch.empty(batch, length, **b), torch.empty(batch, **b))
+
+
 MASKS = ("valid", "is_first", "is_last", "terminated", "truncated", "next_valid")
+
+
+def transition_outputs(batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Empty outputs of a transition sampler: [2, B] (slot, succ), row and index [B] int64, and
+    the [6, B] bool masks in the order of MASKS."""
+    i64 = dict(dtype=torch.int64, device=device)
+    return (torch.empty(2, batch, **i64), torch.empty(batch, **i64), torch.empty(batch, **i64),
+            torch.empty(len(MASKS), batch, dtype=torch.bool, device=device))
+
+
+def transition_dict(slots, row, index, masks) -> dict:
+    """The launcher's result: ``slots`` [2, B] and its rows ``slot``, ``succ``, ``row``,
+    ``index`` and each mask by name."""
+    out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row, "index": index}
+    out.update(zip(MASKS, masks.unbind(0)))
+    return out
 
 
 def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.Tensor,
@@ -198,20 +217,14 @@ def transitions(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.T
     ``terminated``, ``truncated``, ``next_valid``; ``slots`` is the [2, B] (slot, succ) block.
     """
     rows, lanes = start.shape
-    device = start.device
-    slots = torch.empty(2, batch, dtype=torch.int64, device=device)
-    row = torch.empty(batch, dtype=torch.int64, device=device)
-    index = torch.empty(batch, dtype=torch.int64, device=device)
-    masks = torch.empty(len(MASKS), batch, dtype=torch.bool, device=device)
+    slots, row, index, masks = transition_outputs(batch, start.device)
     grid = (triton.cdiv(batch, BLOCK),)
     _transitions_kernel[grid](
         slots, row, index, masks.view(torch.int8), start, end_flags, final_idx, fin_head, state,
         seed, batch, tries, rows, lanes, rows * lanes, max(final_rows, 1),
         NEXT_STEP=next_step, HAS_FINAL=final_rows > 0, BLOCK_=BLOCK,
     )
-    out = {"slots": slots, "slot": slots[0], "succ": slots[1], "row": row, "index": index}
-    out.update(zip(MASKS, masks.unbind(0)))
-    return out
+    return transition_dict(slots, row, index, masks)
 
 
 @triton.jit(do_not_specialize=["seed", "batch", "size", "steps"])

@@ -143,17 +143,17 @@ def _recompute(tree: PriorityTree, l: int, nodes: torch.Tensor | None) -> None:
         kids = tree.leaf[:-1].view(-1, f)
         if nodes is not None:
             kids = kids.index_select(0, nodes)
-        ks, km = kids.double(), torch.where(kids > 0, kids, math.inf)
+        ks, km = kids, torch.where(kids > 0, kids, math.inf)
     else:
         below_sum, below_min = tree.level(l - 1)
         ks, km = below_sum.view(-1, f), below_min.view(-1, f)
         if nodes is not None:
             ks, km = ks.index_select(0, nodes), km.index_select(0, nodes)
     if nodes is None:
-        sums[:ks.shape[0]] = ks.sum(1)
+        sums[:ks.shape[0]] = ks.sum(1, dtype=torch.float64)
         mins[:km.shape[0]] = km.amin(1)
     else:
-        sums.index_copy_(0, nodes, ks.sum(1))
+        sums.index_copy_(0, nodes, ks.sum(1, dtype=torch.float64))
         mins.index_copy_(0, nodes, km.amin(1))
 
 
@@ -248,34 +248,39 @@ def descend(tree: PriorityTree, x: torch.Tensor, flat: int | None = None) -> tor
     child whose running sum exceeds the mass left; where rounding leaves none, the child at which
     the running sum reaches its total (a child with mass whenever the node has mass).
 
+    Both cases are one search: for the mass clamped below the children's total (the largest
+    float64 under it), the first running sum above it is the first above the mass when there is
+    one, else the first equal to the total.
+
     flat: the level whose nodes are found in one search over its running sum instead of level
     by level from the root (the same nodes wherever the sums are exact; fewer, larger torch ops
-    on the CPU); default the lowest level of at most 4 nodes per draw.
+    on the CPU); default the lowest level of at most 16 nodes per draw.
     """
     f = tree.fanout
     shape = x.shape
     x = x.reshape(-1)
     if flat is None:
-        flat = next(l for l in range(1, tree.depth + 1) if tree.sizes[l] <= 4 * x.shape[0])
+        flat = next(l for l in range(1, tree.depth + 1) if tree.sizes[l] <= 16 * x.shape[0])
     if flat < tree.depth:
         level = tree.level(flat)[0][:tree.sizes[flat]]
         cum = level.cumsum(0)
-        node = torch.minimum(torch.searchsorted(cum, x, right=True),
-                             torch.searchsorted(cum, cum[-1:]))
+        node = torch.searchsorted(cum, _below(x, cum[-1]), right=True)
         x = x - (cum.index_select(0, node) - level.index_select(0, node))
     else:
         node = torch.zeros_like(x, dtype=torch.int64)
     for l in range(flat - 1, -1, -1):
-        if l == 0:
-            c = tree.leaf[:-1].view(-1, f).index_select(0, node).double()
-        else:
-            c = tree.level(l)[0].view(-1, f).index_select(0, node)
-        cum = c.cumsum(1)
-        first = torch.minimum(torch.searchsorted(cum, x[:, None], right=True),
-                              torch.searchsorted(cum, cum[:, -1:].contiguous()))
-        x = x - (cum.gather(1, first) - c.gather(1, first)).squeeze(1)
+        below = tree.leaf[:-1] if l == 0 else tree.level(l)[0]
+        c = below.view(-1, f).index_select(0, node)
+        cum = c.cumsum(1, dtype=torch.float64)
+        first = torch.searchsorted(cum, _below(x, cum[:, -1])[:, None], right=True)
+        x = x - (cum.gather(1, first).squeeze(1) - c.gather(1, first).squeeze(1))
         node = node * f + first.squeeze(1)
     return node.view(shape)
+
+
+def _below(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """``x`` clamped to the largest float64 below ``total``."""
+    return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
 
 
 def weights(tree: PriorityTree, slot: torch.Tensor, beta: float) -> torch.Tensor:
