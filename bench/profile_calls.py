@@ -5,6 +5,8 @@ float32[12], reward, capacity 2^20, done_marks="last", on the default (Triton) b
 call: kernel launches per call and the GPU time they take (torch.profiler), the host time to
 issue one call (back-to-back calls, no sync: Python, checks and launch overhead), and the eager
 time per call between CUDA events. Prints a table and the kernels of the bare add by name.
+Then prioritized replay at 2^26 slots: update_priorities of the previous sample's 4096 ids plus
+sample(4096), eager and replayed from a CUDA graph.
 """
 
 from __future__ import annotations
@@ -78,6 +80,35 @@ def main() -> None:
         print(f"\nkernels of {name} (20 calls):")
         for k, c in detail[name].most_common():
             print(f"  {c:4d}  {k[:100]}")
+    prioritized(step, term)
+
+
+def prioritized(step, term, capacity: int = 1 << 26) -> None:
+    """update_priorities(4096) + sample(4096) at ``capacity`` slots: launches, GPU time, host and
+    eager time, and the time of a replayed CUDA graph of the same call."""
+    buf = ReplayBuffer(capacity, N, device="cuda", seed=0, priority_alpha=0.6)
+    for _ in range(capacity // N + 3):
+        buf.add(step, term)
+    prios = torch.rand(4096, device="cuda")
+    ids = buf.sample(4096)["index"].clone()  # the previous sample's ids, in fixed memory for the graph
+
+    def call():
+        buf.update_priorities(ids, prios)
+        ids.copy_(buf.sample(4096)["index"])
+
+    launches, gpu, names = kernels(call)
+    print(f"\n| prioritized, {capacity:,} slots | launches | GPU us | host us | eager us | graph us |")
+    print("|---|---|---|---|---|---|")
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    print(f"| update(4096) + sample(4096) | {launches:.0f} | {gpu:.1f} | {host_us(call):.1f} | "
+          f"{per_call_us(call):.1f} | {per_call_us(graph.replay):.1f} |")
+    for k, c in names.most_common():
+        print(f"  {c:4d}  {k[:100]}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ MAX_BATCH = 2**31 - 1
 #: final-obs counter (int64).
 _INDEX_BYTES_PER_SLOT = 8 + 1 + 4 + 8
 
-#: Bytes of priority tree per slot: the float32 leaf (the internal levels add 12 / 32 more).
+#: Bytes of priority tree per slot: the float32 leaf (the levels above add 12 bytes per 31 slots).
 _PRIORITY_BYTES_PER_SLOT = 4
 
 #: Default exponent of the importance weights of prioritized samples (Schaul et al. 2016).
@@ -287,7 +287,8 @@ class ReplayBuffer:
     def __repr__(self) -> str:
         return (f"ReplayBuffer(capacity={self.capacity}, num_envs={self.num_envs}, rows={self._rows}, "
                 f"done_marks={self.done_marks!r}, autoreset={self.autoreset!r}, "
-                f"device={self._device}, adds={self._total})")
+                f"device={self._device}, adds={self._total}"
+                f"{'' if self.priority_alpha is None else f', priority_alpha={self.priority_alpha}'})")
 
     # ------------------------------------------------------------------ add
     def add(self, step: Any, done: Any = None, *, terminated: Any = None, truncated: Any = None,
