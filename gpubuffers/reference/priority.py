@@ -96,6 +96,15 @@ class PriorityTree:
             alpha=as_float32(alpha), eps=as_float32(eps),
         )
 
+    def arange(self, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+        """``torch.arange(n)`` on the tree's device, kept for the sizes the calls reuse (read it,
+        do not write)."""
+        cache = self.__dict__.setdefault("_aranges", {})
+        out = cache.get((n, dtype))
+        if out is None:
+            out = cache[(n, dtype)] = torch.arange(n, dtype=dtype, device=self.leaf.device)
+        return out
+
     @property
     def spare(self) -> int:
         return self.leaf.shape[0] - 1
@@ -178,7 +187,7 @@ def refresh_runs(tree: PriorityTree, first: torch.Tensor, length: int) -> None:
         if tree.sizes[l] <= count * first.shape[0]:
             _recompute(tree, l, None)
             continue
-        nodes = first.div(span, rounding_mode="floor")[:, None] + torch.arange(count, device=first.device)
+        nodes = first.div(span, rounding_mode="floor")[:, None] + tree.arange(count)
         _recompute(tree, l, nodes.view(-1).clamp_(max=tree.sizes[l] - 1))
 
 
@@ -217,7 +226,7 @@ def update_priorities(ix: EpisodeIndex, tree: PriorityTree, index: torch.Tensor,
     k = index.shape[0]
     keys = update_keys(ix, tree, index, priority)
     bits = tree.leaf.view(torch.int32)
-    mark = torch.arange(k - 1, -1, -1, dtype=torch.int32, device=keys.device).add_(_CLAIM)
+    mark = (_CLAIM + k - 1) - tree.arange(k, torch.int32)  # INT32_MIN + (k - 1 - position)
     bits.scatter_reduce_(0, keys, mark, "amin")
     applies = keys < tree.capacity
     keep = (bits.index_select(0, keys) == mark) & applies
@@ -235,7 +244,7 @@ def promote(ix: EpisodeIndex, tree: PriorityTree) -> None:
     adds = ix.state[STATE_ADDS:STATE_ADDS + 1]
     row = adds % rows
     prev = (adds + rows - 1) % rows
-    lane = torch.arange(lanes, device=adds.device)
+    lane = tree.arange(lanes)
     tree.slots[:lanes] = prev * lanes + lane
     tree.slots[lanes:] = row * lanes + lane
     top = leaf_value(tree.maxp, tree.alpha)
@@ -284,10 +293,10 @@ def _below(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
     return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
 
 
-def weights(tree: PriorityTree, slot: torch.Tensor, beta: float) -> torch.Tensor:
-    """float32 importance weights ``(leaf / smallest leaf) ** -beta`` (the largest is 1); 0 for
-    a slot that cannot be drawn."""
-    leaf = take(tree.leaf, slot).double()
+def weights(tree: PriorityTree, leaf: torch.Tensor, beta: float) -> torch.Tensor:
+    """float32 importance weights ``(leaf / smallest leaf) ** -beta`` of drawn slots' ``leaf``
+    values (the largest weight is 1); 0 for a slot that cannot be drawn (leaf 0)."""
+    leaf = leaf.double()
     smallest = tree.smallest.double()
     w = torch.exp((torch.where(leaf > 0, leaf, smallest) / smallest).log() * -as_float32(beta))
     return torch.where(leaf > 0, w, 0.0).float()
@@ -295,7 +304,7 @@ def weights(tree: PriorityTree, slot: torch.Tensor, beta: float) -> torch.Tensor
 
 def stratified(tree: PriorityTree, u: torch.Tensor) -> torch.Tensor:
     """Masses for [B] uniforms in [0, 1): item i in the i-th of B equal-mass segments."""
-    i = torch.arange(u.shape[0], device=u.device, dtype=torch.float64)
+    i = tree.arange(u.shape[0], torch.float64)
     return (i + u) * tree.total / u.shape[0]
 
 
@@ -310,8 +319,9 @@ def prioritized_transitions(ix: EpisodeIndex, tree: PriorityTree, u: torch.Tenso
     oldest = adds - adds.clamp(max=rows)
     row = oldest + (slot.div(lanes, rounding_mode="floor") - oldest) % rows
     out = transition_links(ix, slot, row, final_rows, next_step)
-    out.update(slot=slot, row=row, index=transition_ids(row, slot, lanes), valid=take(tree.leaf, slot) > 0,
-               weight=weights(tree, slot, beta))
+    leaf = take(tree.leaf, slot)
+    out.update(slot=slot, row=row, index=transition_ids(row, slot, lanes), valid=leaf > 0,
+               weight=weights(tree, leaf, beta))
     return out
 
 
@@ -338,7 +348,7 @@ def prioritized_windows(ix: EpisodeIndex, tree: PriorityTree, u: torch.Tensor, l
     return {"slots": slots, "index": transition_ids(window_rows, first[:, None], lanes),
             "is_first": take(ix.start, slots) == window_rows,
             "is_last": take(ix.end_flags, slots) != 0, "valid": valid,
-            "weight": torch.where(valid, weights(tree, first, beta), 0.0)}
+            "weight": torch.where(valid, weights(tree, take(tree.leaf, first), beta), 0.0)}
 
 
 def sample_prioritized_transitions(ix: EpisodeIndex, tree: PriorityTree, rng, batch: int, next_step: bool,
