@@ -60,11 +60,12 @@ def plot(points: list[dict], path: str, title: str) -> bool:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    w3 = [p for p in points if p["sweep"] == "W3 capacity"]
-    for provider in sorted({p["provider"] for p in w3}):
-        pts = sorted((p["x"], p["ms"]) for p in w3 if p["provider"] == provider)
-        left.plot([x for x, _ in pts], [y / pts[0][1] for _, y in pts], marker="o", label=provider)
-    left.set_title("W3 sample_sequences(256, 32)")
+    for sweep, short in (("W3 capacity", "W3"), ("W4 capacity", "W4")):
+        pts_all = [p for p in points if p["sweep"] == sweep]
+        for provider in sorted({p["provider"] for p in pts_all}):
+            pts = sorted((p["x"], p["ms"]) for p in pts_all if p["provider"] == provider)
+            left.plot([x for x, _ in pts], [y / pts[0][1] for _, y in pts], marker="o", label=f"{short} {provider}")
+    left.set_title("W3 sample_sequences(256, 32); W4 prioritized update + sample(4096)")
     left.set_xlabel("capacity (transitions)")
     left.set_ylabel("time / time at the smallest capacity")
     w1 = [p for p in points if p["sweep"] == "W1 lanes"]

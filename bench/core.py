@@ -309,11 +309,14 @@ def torchrl_buffer(plain: PlainRing, device: torch.device, slices: bool):
 
 
 def sweeps(device: torch.device, capacities: list[int], lane_counts: list[int], repeats: int) -> list[dict]:
-    """W3 over capacity (cost should not grow with it) and W1 over the number of lanes."""
+    """W3 and W4 over capacity (cost should not grow with it) and W1 over the number of lanes."""
     points = []
     for cap in capacities:
         for r in run_core(device, lanes=4096, capacity=cap, repeats=repeats, with_torchrl=False, workloads=("W3",)):
             points.append({"sweep": "W3 capacity", "x": cap, "provider": r.provider, "ms": 1e3 * r.timing.median_s})
+    for cap in capacities:
+        for r in run_w4(device, capacities=(cap,), repeats=repeats, with_torchrl=False):
+            points.append({"sweep": "W4 capacity", "x": cap, "provider": r.provider, "ms": 1e3 * r.timing.median_s})
     for lanes in lane_counts:
         for r in run_core(device, lanes=lanes, capacity=max(1 << 20, 4 * lanes), repeats=repeats,
                           with_torchrl=False, workloads=("W1",)):

@@ -546,7 +546,8 @@ class ReplayBuffer:
     def sample(self, batch_size: int, *, n_step: int = 1, gamma: float | None = None,
                priority_beta: float | None = None) -> dict[str, Any]:
         """B transitions whose successor row has been written: uniform over live slots, or with
-        ``priority_alpha`` in proportion to their priority (one draw per equal-mass segment).
+        ``priority_alpha`` in proportion to their priority (one draw per equal-mass segment, the
+        items in segment order, that is by ring slot).
 
         Returns every leaf at ``[B, *leaf_shape]``, and
           ``next``: {key: [B, *leaf_shape]} the successor of each ``next_keys`` leaf: the next
