@@ -762,8 +762,8 @@ class ReplayBuffer:
     def _row_ids(self, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Transition ids of packed rows at ``slot`` (-1 where ``mask`` is False), their absolute
         rows read from the device cursor."""
-        oldest = live_span(self._ix)[1]
-        row = oldest + (slot.div(self._lanes, rounding_mode="floor") - oldest) % self._rows
+        row = layout.absolute_row(slot.div(self._lanes, rounding_mode="floor"), live_span(self._ix)[1],
+                                  self._rows)
         return torch.where(mask, transition_ids(row, slot, self._lanes), -1)
 
     def _longest_episode(self) -> int:

@@ -66,6 +66,12 @@ def ring_rows(adds, rows: int):
     return adds % rows, (adds + rows - 1) % rows
 
 
+def absolute_row(ring_row, oldest, rows: int):
+    """Absolute row of a live ``ring_row``, the oldest live absolute row being ``oldest``; ints
+    or int64 tensors alike (the kernels inline the same, with a non-negative remainder)."""
+    return oldest + (ring_row - oldest) % rows
+
+
 def live_span(adds, rows: int):
     """(live rows, oldest live absolute row) after ``adds`` adds; ints or int64 tensors alike."""
     live = adds.clamp(max=rows) if hasattr(adds, "clamp") else min(adds, rows)

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..layout import SENTINEL, STATE_ADDS, STATE_OFFSET
-from .sampling import BLOCK, links, store_transitions, transition_dict, transition_outputs, window_outputs
+from .sampling import BLOCK, links, store_transitions, transition_dict, transition_outputs, uniform, window_outputs
 
 _SENTINEL = tl.constexpr(SENTINEL)
 _ADDS = tl.constexpr(STATE_ADDS)
@@ -166,15 +166,6 @@ def _weight(leaf_ptr, slot, smallest, beta, mask):
     return tl.where(leaf > 0, w, 0.0).to(tl.float32), leaf
 
 
-@triton.jit
-def _uniform(seed, counter):
-    """53-bit uniform in [0, 1) from two Philox words (reference.philox_uniform)."""
-    r0, r1, _, _ = tl.randint4x(seed, counter)
-    hi = (r0 >> 5).to(tl.int64)
-    lo = (r1 >> 6).to(tl.int64)
-    return (hi * 67108864 + lo).to(tl.float64) * 1.1102230246251565e-16  # 2**26, 2**-53
-
-
 @triton.jit(do_not_specialize=["seed", "batch", "rows", "lanes", "total", "final_rows", "root", "beta"])
 def _transitions_kernel(
     slots_ptr, row_ptr, index_ptr, weight_ptr, masks_ptr,    # outputs: [2, B], [B] x 3, [6, B]
@@ -190,10 +181,10 @@ def _transitions_kernel(
     adds = tl.load(state_ptr + _ADDS)
     oldest = adds - tl.minimum(adds, rows)
     mass = tl.load(sums_ptr + root)
-    u = _uniform(seed, tl.load(state_ptr + _OFFSET) + item.to(tl.int64))
+    u = uniform(seed, tl.load(state_ptr + _OFFSET) + item.to(tl.int64))
     x = (item.to(tl.float64) + u) * mass / batch
     slot = _descend(leaf_ptr, sums_ptr, offs_ptr, x, mask, DEPTH, F, BLOCK_)
-    row = oldest + ((slot // lanes - oldest) % rows + rows) % rows
+    row = oldest + ((slot // lanes - oldest) % rows + rows) % rows  # layout.absolute_row
     w, leaf = _weight(leaf_ptr, slot, tl.load(mins_ptr + root).to(tl.float64), beta, mask)
     is_first = tl.load(start_ptr + slot, mask=mask, other=0) == row
     succ, is_last, terminated, truncated, next_valid = links(
@@ -225,9 +216,9 @@ def _windows_kernel(
     best_row = tl.zeros([BLOCK_], tl.int64)
     found = tl.zeros([BLOCK_], tl.int1)
     for m in range(tries):
-        u = _uniform(seed, offset + item.to(tl.int64) * tries + m)
+        u = uniform(seed, offset + item.to(tl.int64) * tries + m)
         first = _descend(leaf_ptr, sums_ptr, offs_ptr, u * mass, mask, DEPTH, F, BLOCK_)
-        row = oldest + ((first // lanes - oldest) % rows + rows) % rows
+        row = oldest + ((first // lanes - oldest) % rows + rows) % rows  # layout.absolute_row
         end = (first + span * lanes) % total
         ok = (tl.load(leaf_ptr + first, mask=mask, other=0.0) > 0) & (row + span < adds)
         ok = ok & (tl.load(start_ptr + end, mask=mask, other=0) <= row)

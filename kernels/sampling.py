@@ -35,13 +35,18 @@ def _live_span(state_ptr, rows):
 
 
 @triton.jit
-def _uniform_below(seed, counter, high_f):
-    """floor(u * high) for a 53-bit uniform u from two Philox words (as philox_below)."""
+def uniform(seed, counter):
+    """53-bit uniform in [0, 1) from two Philox words (reference.philox_uniform)."""
     r0, r1, _, _ = tl.randint4x(seed, counter)
     hi = (r0 >> 5).to(tl.int64)
     lo = (r1 >> 6).to(tl.int64)
-    u = (hi * 67108864 + lo).to(tl.float64) * 1.1102230246251565e-16  # 2**26, 2**-53
-    return (u * high_f).to(tl.int64)
+    return (hi * 67108864 + lo).to(tl.float64) * 1.1102230246251565e-16  # 2**26, 2**-53
+
+
+@triton.jit
+def _uniform_below(seed, counter, high_f):
+    """floor(u * high) for a 53-bit uniform u (as philox_below)."""
+    return (uniform(seed, counter) * high_f).to(tl.int64)
 
 
 @triton.jit

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import SENTINEL, STATE_ADDS
-from .episode_index import EpisodeIndex
-from .sampling import take, transition_ids, transition_links, window_slots
+from ..layout import SENTINEL, absolute_row
+from .episode_index import EpisodeIndex, rows_of
+from .sampling import live_span, take, transition_ids, transition_links, window_slots
 
 #: Smallest int32: marks below any leaf's bits elect the last of repeated updates.
 _CLAIM = -2**31
@@ -198,14 +198,10 @@ def update_keys(ix: EpisodeIndex, tree: PriorityTree, index: torch.Tensor,
     An update applies when ``index`` is a drawable transition now (at or after the oldest live
     row, before the newest, not a reset row) and ``priority`` is finite and >= 0.
     """
-    rows, lanes = ix.start.shape
-    cap = tree.capacity
-    adds = ix.state[STATE_ADDS]
-    live = adds.clamp(max=rows)
-    lo = (adds - live) * lanes
-    hi = (adds - 1) * lanes
-    slot = index.remainder(cap)
-    ok = (index >= lo) & (index < hi) & torch.isfinite(priority) & (priority >= 0)
+    lanes = ix.lanes
+    live, oldest = live_span(ix)
+    slot = index.remainder(tree.capacity)
+    ok = (index >= oldest * lanes) & (index < (oldest + live - 1) * lanes) & torch.isfinite(priority) & (priority >= 0)
     ok &= take(ix.start, slot) != SENTINEL
     return torch.where(ok, slot, tree.spare)
 
@@ -240,10 +236,8 @@ def promote(ix: EpisodeIndex, tree: PriorityTree) -> None:
     """Before the add whose row is ``state[STATE_ADDS] % T`` is counted: its slots leave the
     drawable set (the row is new, its successor unwritten) and the slots of the row before it
     enter at ``maxp ** alpha`` (reset rows excepted), then the nodes above both rows."""
-    rows, lanes = ix.start.shape
-    adds = ix.state[STATE_ADDS:STATE_ADDS + 1]
-    row = adds % rows
-    prev = (adds + rows - 1) % rows
+    lanes = ix.lanes
+    row, prev, _ = rows_of(ix)  # [1] each: the row being added, the one before
     lane = tree.arange(lanes)
     tree.slots[:lanes] = prev * lanes + lane
     tree.slots[lanes:] = row * lanes + lane
@@ -315,9 +309,7 @@ def prioritized_transitions(ix: EpisodeIndex, tree: PriorityTree, u: torch.Tenso
     nothing can be drawn) plus ``weight`` [B] float32."""
     rows, lanes = ix.start.shape
     slot = descend(tree, stratified(tree, u))
-    adds = ix.state[STATE_ADDS]
-    oldest = adds - adds.clamp(max=rows)
-    row = oldest + (slot.div(lanes, rounding_mode="floor") - oldest) % rows
+    row = absolute_row(slot.div(lanes, rounding_mode="floor"), live_span(ix)[1], rows)
     out = transition_links(ix, slot, row, final_rows, next_step)
     leaf = take(tree.leaf, slot)
     out.update(slot=slot, row=row, index=transition_ids(row, slot, lanes), valid=leaf > 0,
@@ -335,11 +327,10 @@ def prioritized_windows(ix: EpisodeIndex, tree: PriorityTree, u: torch.Tensor, l
     rows, lanes = ix.start.shape
     total = rows * lanes
     first = descend(tree, u * tree.total)  # [B, M]
-    adds = ix.state[STATE_ADDS]
-    oldest = adds - adds.clamp(max=rows)
-    row = oldest + (first.div(lanes, rounding_mode="floor") - oldest) % rows
+    live, oldest = live_span(ix)
+    row = absolute_row(first.div(lanes, rounding_mode="floor"), oldest, rows)
     end = (first + (length - 1) * lanes) % total
-    ok = (take(tree.leaf, first) > 0) & (row + length - 1 < adds) & (take(ix.start, end) <= row)
+    ok = (take(tree.leaf, first) > 0) & (row + length - 1 < oldest + live) & (take(ix.start, end) <= row)
     j = ok.to(torch.uint8).argmax(1, keepdim=True)
     first, row, end = (t.gather(1, j).squeeze(1) for t in (first, row, end))
     valid = ok.any(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED, final_kept, final_slot
+from ..layout import HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED, absolute_row, final_kept, final_slot
 from ..layout import live_span as _live_span
 from .episode_index import EpisodeIndex
 
@@ -177,7 +177,7 @@ def pack_episodes(ix: EpisodeIndex, end_slot: torch.Tensor, valid: torch.Tensor,
     rows, lanes = ix.start.shape
     total = rows * lanes
     _, oldest = live_span(ix)
-    end_row = oldest + (end_slot.div(lanes, rounding_mode="floor") - oldest) % rows
+    end_row = absolute_row(end_slot.div(lanes, rounding_mode="floor"), oldest, rows)
     length = (end_row + 1 - take(ix.start, end_slot)) * valid
     valid = valid & (torch.cumsum(length, 0) <= max_rows)
     length = length * valid
