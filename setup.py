@@ -19,5 +19,7 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict"],
         "bench": ["matplotlib", "pytest-benchmark", "torchrl", "tensordict"],
+        # The examples' progress bars and learning curves (they run without them too).
+        "examples": ["matplotlib", "tqdm", "gymnasium>=1.0"],
     },
 )

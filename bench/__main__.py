@@ -19,6 +19,7 @@ import gpubuffers
 from .core import (baseline_ratio, copy_bandwidth, nstep_overhead, ratio_table, run_core, run_w4, sweeps,
                    w1_overhead, w4_lines)
 from .demo import print_demo, run_demo
+from .rollout import run_rollout
 
 
 def device_name(device: torch.device) -> str:
@@ -116,7 +117,10 @@ def main() -> None:
     # W4 at 2^20 and, for a full run, 2^24 slots (about 11 GB of host memory for both providers).
     rows += run_w4(device, capacities=(1 << 20,) if args.quick else (1 << 20, 1 << 24),
                    repeats=10 if args.quick else 30, with_torchrl=with_torchrl)
-    print("## Core workloads (N=4096, obs float32[64], action float32[12], capacity 2^20)\n")
+    # W5-W6: the on-policy path (RolloutBuffer) against plain tensors.
+    rows += run_rollout(device, repeats=10 if args.quick else 30)
+    print("## Core workloads (N=4096, obs float32[64], action float32[12], capacity 2^20; W5-W6: a "
+          "rollout of T=24 rows)\n")
     print(ratio_table(rows, prov["device"]))
     print("\nW1, recommended add over bare add (medians of the same interleaved loop; the recommended "
           "add runs on a done_marks=\"last\" buffer, the bare add on done_marks=\"first\"):")

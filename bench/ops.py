@@ -11,6 +11,8 @@ Ops (N = 4096 lanes, capacity 2^20, obs float32[64], action float32[12], reward 
   gather       every leaf plus the next obs of 4096 transitions
   priority update   update_priorities of 4096 transitions (leaves, then the nodes above them)
   priority draw     4096 stratified proportional transitions with their links and weights
+  gae          GAE(lambda) over a rollout of T = 24 rows by N lanes (RolloutBuffer.compute_returns),
+               beside the plain loop over T
 
 and the fan-out of the priority tree: update + draw of 4096 at 2^20 and 2^24 slots for trees of
 8 to 128 children per node.
@@ -22,7 +24,7 @@ import argparse
 
 import torch
 
-from gpubuffers import ReplayBuffer
+from gpubuffers import ReplayBuffer, RolloutBuffer
 from gpubuffers.reference import EpisodeIndex, PriorityTree
 
 from .__main__ import device_name
@@ -122,6 +124,7 @@ def main() -> None:
         for name, timing in t.items():
             rows.append((f"gather, 256 B in {leaves} leaves", name, 4096 * 256 / timing.median_s / 1e9,
                          timing.median_s / t[backends[0]].median_s))
+    rows += gae_rows(device, backends, args.repeats)
     fanouts = fanout_sweep(device, backends, bufs, args.repeats)
     print(f"## Hot ops on {device_name(device)}\n")
     print("| op | provider | GB/s | time vs reference |\n|---|---|---|---|")
@@ -134,6 +137,31 @@ def main() -> None:
     for (b, cap), times in fanouts.items():
         base = fanouts[(b, 1 << 20)][FANOUTS.index(32)]
         print(f"| {b} | 2^{cap.bit_length() - 1} | " + " | ".join(f"{t / base:.2f}" for t in times) + " |")
+
+
+def gae_rows(device: torch.device, backends: list[str], repeats: int) -> list[tuple]:
+    """compute_returns of a full rollout per backend, and the plain loop over T, interleaved."""
+    from .rollout import GAMMA, LAM, T, make_rollout, plain_gae
+
+    steps = make_rollout(device)
+    last = torch.zeros(LANES, device=device)
+    fns = {}
+    for b in backends:
+        ro = RolloutBuffer(T, LANES, device=device, seed=0, backend=b)
+        for s in steps:
+            ro.add({k: s[k] for k in ("reward", "value")}, terminated=s["terminated"], truncated=s["truncated"],
+                   final_value=s["final_value"])
+        fns[b] = lambda ro=ro: ro.compute_returns(last, GAMMA, LAM)
+    reward = torch.stack([s["reward"] for s in steps])
+    value = torch.stack([s["value"] for s in steps])
+    done = torch.stack([s["terminated"] | s["truncated"] for s in steps])
+    fns["plain loop over T"] = lambda: plain_gae(reward, value, done, last, GAMMA, LAM)
+    # reward, value, final value and end flags read; advantage and return written (twice: the
+    # op's outputs, then the leaves)
+    moved = T * LANES * (4 + 4 + 4 + 1 + 4 * 4)
+    t = interleaved(fns, device, repeats=repeats, inner=5)
+    return [("gae", name, moved / timing.median_s / 1e9, timing.median_s / t[backends[0]].median_s)
+            for name, timing in t.items()]
 
 
 FANOUTS = (8, 16, 32, 64, 128)

@@ -6,7 +6,8 @@ Importing this package never imports triton and never touches a GPU.
 from .buffer import ReplayBuffer
 from .dataset import BufferDataset
 from .episodes import pad_episodes
+from .rollout import RolloutBuffer
 from .specs import LeafSpec
 
 __version__ = "0.1.0"
-__all__ = ["ReplayBuffer", "BufferDataset", "pad_episodes", "LeafSpec", "__version__"]
+__all__ = ["ReplayBuffer", "RolloutBuffer", "BufferDataset", "pad_episodes", "LeafSpec", "__version__"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
-import random
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
@@ -12,11 +10,9 @@ import torch
 from . import layout, ops
 from .layout import STATE_ADDS, TRUNCATED
 from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids
-from .specs import (RESERVED_KEYS, LeafSpec, as_tensor, carrier, check_leaf, check_mask, flatten,
-                    resolve_device, storable, unflatten)
-
-DONE_MARKS = ("first", "last")
-AUTORESET = ("same_step", "next_step")
+from .specs import LeafSpec, as_tensor, carrier, check_leaf, flatten, resolve_device, unflatten
+from .steps import (Lanes, check_step, conventions, leaves_under, positive_int, real, scalar_leaf,
+                    seed_or_fresh)
 
 #: Largest batch a sampler draws: the kernels number items with 32-bit program offsets.
 MAX_BATCH = 2**31 - 1
@@ -32,39 +28,6 @@ _PRIORITY_BYTES_PER_SLOT = 4
 DEFAULT_BETA = 0.4
 
 
-def _leaves_under(key: str, specs: Mapping[str, Any]) -> list[str]:
-    """Leaf paths named by ``key``: the leaf itself or every leaf of the subtree ``key/...``."""
-    return [p for p in specs if p == key or p.startswith(key + "/")]
-
-
-def _positive_int(value: Any, name: str, limit: int | None = None) -> int:
-    # numbers.Integral admits numpy integers (np.int64 from a config) and refuses floats.
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
-    value = int(value)
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive int, got {value}")
-    if limit is not None and value > limit:
-        raise ValueError(f"{name}: expected a positive int of at most {limit}, got {value}")
-    return value
-
-
-def _real(value: Any, name: str, low: float, high: float, *, open_low: bool = False) -> float:
-    """A real number in ``[low, high]`` (``(low, high]`` when ``open_low``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
-    value = float(value)
-    bound = "(" if open_low else "["
-    if not (low < value if open_low else low <= value) or not value <= high:
-        raise ValueError(f"{name}: expected a float in {bound}{low}, {high}], got {value}")
-    return value
-
-
-def _fresh_seed() -> int:
-    """A seed from the operating system: it leaves the caller's torch random stream untouched."""
-    return random.SystemRandom().getrandbits(62)
-
-
 class _Step(NamedTuple):
     """One add, checked and converted: what the commit writes, and cannot fail on."""
 
@@ -77,7 +40,7 @@ class _Step(NamedTuple):
     layout: dict[str, Any] | None         # the storage allocated by the first add
 
 
-class ReplayBuffer:
+class ReplayBuffer(Lanes):
     """A ring of ``capacity`` transitions from ``num_envs`` auto-resetting environments.
 
     Every leaf is stored as one preallocated tensor ``[T, N, *leaf_shape]`` with
@@ -130,34 +93,26 @@ class ReplayBuffer:
                  final_obs_capacity: int | None = None, max_proposals: int = 32,
                  backend: str | None = None, priority_alpha: float | None = None,
                  priority_eps: float = 1e-6) -> None:
-        capacity = _positive_int(capacity, "capacity")
-        lanes = 1 if num_envs is None else _positive_int(num_envs, "num_envs")
+        capacity = positive_int(capacity, "capacity")
+        lanes = 1 if num_envs is None else positive_int(num_envs, "num_envs")
         if capacity // lanes < 2:
             raise ValueError(f"capacity: expected at least 2 rows per lane (>= {2 * lanes} for "
                              f"num_envs={lanes}), got {capacity}")
-        if done_marks not in DONE_MARKS:
-            raise ValueError(f"done_marks: expected one of {DONE_MARKS}, got {done_marks!r}")
-        if autoreset not in AUTORESET:
-            raise ValueError(f"autoreset: expected one of {AUTORESET}, got {autoreset!r}")
+        marks_last, next_step = conventions(done_marks, autoreset)
         if (isinstance(next_keys, (str, bytes)) or not isinstance(next_keys, Sequence)
                 or not all(isinstance(k, str) and k for k in next_keys)):
             raise TypeError(f"next_keys: expected a sequence of leaf names (() for none), "
                             f"got {next_keys!r}")
-        if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-                raise TypeError(f"seed: expected an int or None, got {type(seed).__name__}")
-            seed = int(seed)
-            if not -2**63 <= seed < 2**63:
-                raise ValueError(f"seed: expected an int in [-2**63, 2**63) (int64), got {seed}")
+        seed = seed_or_fresh(seed)
         if reward_key is not None and (not isinstance(reward_key, str) or not reward_key):
             raise TypeError(f"reward_key: expected a leaf name or None, got {reward_key!r}")
         if final_obs_capacity is not None:
-            final_obs_capacity = _positive_int(final_obs_capacity, "final_obs_capacity")
+            final_obs_capacity = positive_int(final_obs_capacity, "final_obs_capacity")
         if backend is not None and backend not in ops.BACKENDS:
             raise ValueError(f"backend: expected one of {ops.BACKENDS} or None, got {backend!r}")
         if priority_alpha is not None:
-            priority_alpha = _real(priority_alpha, "priority_alpha", 0.0, 1.0, open_low=True)
-        priority_eps = _real(priority_eps, "priority_eps", 0.0, math.inf, open_low=True)
+            priority_alpha = real(priority_alpha, "priority_alpha", 0.0, 1.0, open_low=True)
+        priority_eps = real(priority_eps, "priority_eps", 0.0, math.inf, open_low=True)
         self.priority_alpha = priority_alpha
         self.priority_eps = priority_eps
         self._tree: PriorityTree | None = None
@@ -165,15 +120,15 @@ class ReplayBuffer:
         self._lanes = lanes
         self._single = num_envs is None
         self._device = None if device is None else resolve_device(device)
-        self._marks_last = done_marks == "last"
-        self._next_step = autoreset == "next_step"
+        self._marks_last = marks_last
+        self._next_step = next_step
         self.done_marks = done_marks
         self.autoreset = autoreset
         self.next_keys = tuple(next_keys)
         self.reward_key = reward_key
-        self.max_proposals = _positive_int(max_proposals, "max_proposals")
+        self.max_proposals = positive_int(max_proposals, "max_proposals")
         self._final_rows = layout.final_rows(final_obs_capacity, self.capacity, lanes)
-        self._seed = seed if seed is not None else _fresh_seed()
+        self._seed = seed
         self._backend = backend
         self._specs: dict[str, LeafSpec] | None = None
         self._storage: dict[str, torch.Tensor] = {}
@@ -200,23 +155,9 @@ class ReplayBuffer:
         return self._rows * self._lanes
 
     @property
-    def num_envs(self) -> int | None:
-        return None if self._single else self._lanes
-
-    @property
     def rows(self) -> int:
         """Rows per lane, T."""
         return self._rows
-
-    @property
-    def device(self) -> torch.device | None:
-        """Storage device (``None`` until the first add when it was not given)."""
-        return self._device
-
-    @property
-    def specs(self) -> dict[str, LeafSpec] | None:
-        """Per-leaf layout (``"a/b"`` paths), known after the first add."""
-        return None if self._specs is None else dict(self._specs)
 
     @property
     def storage(self) -> dict[str, torch.Tensor]:
@@ -266,7 +207,7 @@ class ReplayBuffer:
         if self._ix is None:
             raise ValueError("episode_stats: the buffer is empty; add steps first")
         if last_rows is not None:
-            last_rows = _positive_int(last_rows, "last_rows")
+            last_rows = positive_int(last_rows, "last_rows")
         if last_rows is None or last_rows >= self._rows:
             sums = self._stat_totals  # every live row
         else:
@@ -322,59 +263,26 @@ class ReplayBuffer:
     def _prepare(self, step: Any, done: Any, terminated: Any, truncated: Any, final_obs: Any) -> _Step:
         """Check and convert one add; allocate the storage on the first. Writes nothing to the
         buffer: every failure of an add happens here."""
-        batch = () if self._single else (self._lanes,)
-        device = self._device
-        flat = flatten(step, "step")
-        if device is None:
-            device = next((v.device for v in flat.values() if isinstance(v, torch.Tensor)),
-                          torch.device("cpu"))
-        specs = self._specs
-        for p, v in flat.items():
-            if type(v) is not torch.Tensor:
-                v = as_tensor(v, f"step['{p}']", device)
-            flat[p] = v.detach() if v.requires_grad else v
-        if specs is None:
-            specs = self._new_specs(flat, batch)
-        if flat.keys() != specs.keys():
-            missing = sorted(set(specs) - set(flat))
-            extra = sorted(set(flat) - set(specs))
-            raise ValueError(f"step: expected leaves {sorted(specs)}, got {sorted(flat)} "
-                             f"(missing {missing}, unexpected {extra})")
-        shapes = self._shapes
-        for p, v in flat.items():
-            spec = specs[p]
-            if shapes is None or v.shape != shapes[p] or v.dtype != spec.dtype or v.device != device:
-                check_leaf(v, f"step['{p}']", batch, spec, device)
-        if done is None and terminated is None:
-            raise TypeError("done: expected the episode flags [N] bool, or terminated= (and "
-                            "truncated=) to derive them from; got neither")
-        if done is not None:
-            done = check_mask(done, "done", batch, device)
-        if terminated is not None:
-            terminated = check_mask(terminated, "terminated", batch, device)
-        if truncated is not None:
-            truncated = check_mask(truncated, "truncated", batch, device)
+        lay = self._layout()
+        st = check_step(lay, step, done, terminated, truncated)
+        specs, device = st.specs, st.device
+        if self._specs is None:
+            missing = [k for k in self.next_keys if not leaves_under(k, specs)]
+            if missing:
+                raise ValueError(f"next_keys: {missing} are not leaves of the step (leaves: {sorted(specs)})")
         finals = None
         if final_obs is not None:
-            finals = self._check_final(final_obs, specs, batch, device)
+            finals = self._check_final(final_obs, specs, lay.batch, device)
         reward_leaf = self._reward_leaf(specs)
-
-        # Everything is valid: convert.
-        lanes = (self._lanes,)
-        if self._single:
-            flat = {p: v.reshape(1, *specs[p].shape) for p, v in flat.items()}
-        # The end flags are composed by add_step (termination takes precedence over truncation).
-        done, terminated, truncated = (None if t is None else t.reshape(lanes)
-                                       for t in (done, terminated, truncated))
         reward = None
         if reward_leaf is not None:
-            reward = flat[reward_leaf].reshape(lanes)
+            reward = st.flat[reward_leaf].reshape(self._lanes)
             if reward.dtype != torch.float32:
                 reward = reward.to(torch.float32)
         if finals is not None:
             finals = {k: v.detach().reshape(self._lanes, *specs[k].shape) for k, v in finals.items()}
         new_layout = self._allocate(specs, device) if self._specs is None else None
-        return _Step(flat, done, terminated, truncated, reward, finals, new_layout)
+        return _Step(st.flat, st.done, st.terminated, st.truncated, reward, finals, new_layout)
 
     def _commit(self, st: _Step) -> None:
         """Write a prepared add: storage row, episode index, side table, statistics, priorities,
@@ -402,48 +310,17 @@ class ReplayBuffer:
 
     def _reward_leaf(self, specs: dict[str, LeafSpec]) -> str | None:
         """The leaf whose values are summed into returns, or None when returns are not tracked."""
-        key = self.reward_key
-        if key is None:
+        if self.reward_key is None:
             return None
-        spec = specs.get(key)
-        if spec is None:
-            raise ValueError(f"reward_key: {key!r} names no leaf of the step (leaves: {sorted(specs)}); "
-                             f"name the reward leaf, or pass reward_key=None to store episodes "
-                             f"without returns")
-        if math.prod(spec.shape) != 1 or len(spec.shape) > 1:
-            raise ValueError(f"reward_key: the leaf {key!r} has per-lane shape {spec.shape}; returns "
-                             f"are tracked for a scalar reward per lane ([N] or [N, 1]): pass "
-                             f"reward_key=None for a vector reward, or name a scalar leaf")
-        if spec.dtype.is_complex:
-            raise TypeError(f"reward_key: the leaf {key!r} has dtype {spec.dtype}; expected a real "
-                            f"(float, integer or bool) reward")
-        return key
-
-    def _new_specs(self, flat: dict[str, torch.Tensor], batch: tuple[int, ...]) -> dict[str, LeafSpec]:
-        specs = {}
-        for p, v in flat.items():
-            top = p.split("/")[0]
-            if top in RESERVED_KEYS:
-                raise ValueError(f"step: leaf name {top!r} is reserved for sample outputs "
-                                 f"(reserved: {sorted(RESERVED_KEYS)})")
-            if tuple(v.shape[:len(batch)]) != batch:
-                raise ValueError(f"step['{p}']: expected a leading lane dimension of {batch[0]} "
-                                 f"(num_envs), got shape {tuple(v.shape)}")
-            if not storable(v.dtype):
-                raise TypeError(f"step['{p}']: expected a dtype of 1, 2, 4 or 8 bytes (or "
-                                f"complex128), got {v.dtype}")
-            specs[p] = LeafSpec(tuple(v.shape[len(batch):]), v.dtype)
-        missing = [k for k in self.next_keys if not _leaves_under(k, specs)]
-        if missing:
-            raise ValueError(f"next_keys: {missing} are not leaves of the step (leaves: {sorted(specs)})")
-        return specs
+        return scalar_leaf(specs, self.reward_key, "reward_key",
+                           "pass reward_key=None to store episodes without returns")
 
     def _check_final(self, final_obs: Any, specs: dict[str, LeafSpec], batch: tuple[int, ...],
                      device: torch.device) -> dict[str, torch.Tensor]:
         if self._next_step:
             raise ValueError("final_obs: not used with autoreset='next_step', where the reset row "
                              "after an episode's end already holds its final observation")
-        leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
+        leaves = [p for k in self.next_keys for p in leaves_under(k, specs)]
         if not leaves:
             raise ValueError("final_obs: next_keys is empty, so no final observation is kept")
         if isinstance(final_obs, Mapping) or type(final_obs).__module__.startswith("tensordict"):
@@ -470,7 +347,7 @@ class ReplayBuffer:
         the commit installs. An allocation that fails raises a ValueError saying how much was
         asked for, for what, and what to lower; nothing is kept."""
         rows, lanes = self._rows, self._lanes
-        next_leaves = [p for k in self.next_keys for p in _leaves_under(k, specs)]
+        next_leaves = [p for k in self.next_keys for p in leaves_under(k, specs)]
         # Under same_step, each next leaf's final-obs side table (a ring of final_rows rows per
         # lane, plus a scratch row) follows its ring in the same allocation, so one gather at one
         # index reads the successor wherever it lives.
@@ -502,11 +379,8 @@ class ReplayBuffer:
         gen = torch.Generator(device=device)
         gen.manual_seed(self._seed)
         storage = {p: t[:rows * lanes].view(rows, lanes, *specs[p].shape) for p, t in whole.items()}
-        batch = () if self._single else (lanes,)
         return {
-            "_ops": ops.backend(device, self._backend),
-            "_storage": storage,
-            "_flat": {p: t.view(rows * lanes, *specs[p].shape) for p, t in storage.items()},
+            **self._installed(specs, device, storage, self._backend),
             "_ix": ix,
             "_tree": tree,
             "_rng": ops.Rng(gen, self._seed),
@@ -514,17 +388,14 @@ class ReplayBuffer:
             "_next_src": {p: whole[p] for p in next_leaves},
             "_final": ({p: whole[p][rows * lanes:].view(self._final_rows + 1, lanes, *specs[p].shape)
                         for p in next_leaves} if same_step else {}),
-            "_shapes": {p: torch.Size(batch + s.shape) for p, s in specs.items()},
             "_reward_tracked": self._reward_leaf(specs) is not None,
             "_row_stats": row_stats,
             "_stat_totals": torch.zeros(3, dtype=torch.float64, device=device),
-            "_device": device,
-            "_specs": specs,
         }
 
     # ------------------------------------------------------------------ sampling
     def _check_batch(self, batch_size: Any) -> int:
-        return _positive_int(batch_size, "batch_size", MAX_BATCH)
+        return positive_int(batch_size, "batch_size", MAX_BATCH)
 
     def _gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every leaf at ``slots`` (any shape): ``[*slots.shape, *leaf_shape]``."""
@@ -541,7 +412,7 @@ class ReplayBuffer:
             return None
         if priority_beta is None:
             return DEFAULT_BETA
-        return _real(priority_beta, "priority_beta", 0.0, 1.0)
+        return real(priority_beta, "priority_beta", 0.0, 1.0)
 
     def sample(self, batch_size: int, *, n_step: int = 1, gamma: float | None = None,
                priority_beta: float | None = None) -> dict[str, Any]:
@@ -575,12 +446,9 @@ class ReplayBuffer:
         ``target_valid``.
         """
         batch_size = self._check_batch(batch_size)
-        n_step = _positive_int(n_step, "n_step", self._rows)
+        n_step = positive_int(n_step, "n_step", self._rows)
         if gamma is not None:
-            if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
-                raise TypeError(f"gamma: expected a float in [0, 1] or None, got {type(gamma).__name__}")
-            if not 0.0 <= gamma <= 1.0:
-                raise ValueError(f"gamma: expected a float in [0, 1], got {gamma}")
+            gamma = real(gamma, "gamma", 0.0, 1.0)
         elif n_step > 1:
             raise ValueError(f"gamma: n_step={n_step} needs the discount gamma to sum the rewards")
         beta = self._beta(priority_beta)
@@ -644,7 +512,7 @@ class ReplayBuffer:
         first slot, as :meth:`sample`; 0 where ``valid`` is False).
         """
         batch_size = self._check_batch(batch_size)
-        length = _positive_int(length, "length")
+        length = positive_int(length, "length")
         if length > self._rows:
             raise ValueError(f"length: expected at most T={self._rows} rows per lane, got {length}")
         beta = self._beta(priority_beta)
@@ -735,7 +603,7 @@ class ReplayBuffer:
         """
         batch_size = self._check_batch(batch_size)
         if max_rows is not None:
-            max_rows = _positive_int(max_rows, "max_rows", MAX_BATCH)
+            max_rows = positive_int(max_rows, "max_rows", MAX_BATCH)
         if self._total == 0:
             raise ValueError("sample_episodes: the buffer is empty; add steps first")
         if max_rows is None:

@@ -24,7 +24,8 @@ class BufferDataset(IterableDataset):
     def __init__(self, buffer: Any, batch_size: int, *, kind: str = "transitions",
                  length: int | None = None, num_batches: int | None = None,
                  **sampler_options: Any) -> None:
-        from .buffer import ReplayBuffer, _positive_int
+        from .buffer import ReplayBuffer
+        from .steps import positive_int
 
         if not isinstance(buffer, ReplayBuffer):
             raise TypeError(f"buffer: expected a gpubuffers.ReplayBuffer, got {type(buffer).__name__}")
@@ -33,15 +34,15 @@ class BufferDataset(IterableDataset):
         if kind == "sequences":
             if length is None:
                 raise ValueError("length: kind='sequences' needs the window length, got None")
-            length = _positive_int(length, "length")
+            length = positive_int(length, "length")
         elif length is not None:
             raise ValueError(f"length: only used with kind='sequences', got length={length} "
                              f"with kind={kind!r}")
         self.buffer = buffer
-        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.batch_size = positive_int(batch_size, "batch_size")
         self.kind = kind
         self.length = length
-        self.num_batches = None if num_batches is None else _positive_int(num_batches, "num_batches")
+        self.num_batches = None if num_batches is None else positive_int(num_batches, "num_batches")
         self.sampler_options = sampler_options
 
     def __len__(self) -> int:

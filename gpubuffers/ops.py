@@ -68,7 +68,8 @@ def backend(device: torch.device, name: str | None = None):
 #: Every op a backend offers the buffer; both backends define each of them.
 OPS = ("add_step", "record_ends", "store_finals", "advance", "sample_transitions", "nstep",
        "sample_windows", "sample_episode_ends", "whole_episode_ends", "pack_episodes", "gather",
-       "promote", "update_priorities", "sample_prioritized_transitions", "sample_prioritized_windows")
+       "promote", "update_priorities", "sample_prioritized_transitions", "sample_prioritized_windows",
+       "gae")
 
 #: The ops that stay pure torch on the Triton backend (sync-free on CUDA, and graph-safe: they
 #: read the cursors from the device): small reductions and index arithmetic.
@@ -125,6 +126,10 @@ class TritonOps:
     def nstep(self, ix, slot, row, reward, n_step, gamma, final_rows, next_step):
         return self._returns.nstep(ix.end_flags, ix.final_idx, ix.fin_head, ix.state, slot, row, reward, n_step,
                                    gamma, final_rows, next_step)
+
+    def gae(self, ix, reward, value, final_value, tail_flags, tail_final, last_value, gamma, lam, next_step):
+        return self._returns.gae(ix.start, ix.end_flags, reward, value, final_value, tail_flags, tail_final,
+                                 last_value, gamma, lam, next_step)
 
     def sample_windows(self, ix, rng: Rng, batch, tries, length):
         out = self._sampling.windows(ix.start, ix.end_flags, ix.state, rng.seed, batch, tries, length)

@@ -1,5 +1,5 @@
 """n-step segments of sampled transitions, in one launch: k, the discounted return, the discount
-and the links of the segment's last row.
+and the links of the segment's last row; and GAE(lambda) over a rollout, in one launch.
 
 Mirrors :func:`gpubuffers.reference.returns.nstep`: per item, walk rows t, t+1, ... of its lane
 while they stay in its episode and their successor is written (the newest row comes from the
@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import STATE_ADDS
+from ..layout import ENDED, HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED
 from .sampling import BLOCK, links
 
 
@@ -91,3 +91,78 @@ def nstep(end_flags: torch.Tensor, final_idx: torch.Tensor, fin_head: torch.Tens
     out = {"n_steps": k, "return": ret, "discount": disc, "succ": succ}
     out.update(zip(MASKS, masks.unbind(0)))
     return out
+
+
+@triton.jit(do_not_specialize=["gamma", "gamma_lam", "rows", "lanes"])
+def _gae_kernel(
+    adv_ptr, ret_ptr,                                         # outputs [T, N] float32
+    reward_ptr, value_ptr, final_ptr, flags_ptr, start_ptr,   # [T, N]
+    tail_flags_ptr, tail_final_ptr, last_value_ptr,           # [N]
+    gamma, gamma_lam, rows, lanes,
+    SENTINEL_: tl.constexpr, ENDED_: tl.constexpr, TRUNCATED_: tl.constexpr, HAS_FINAL_: tl.constexpr,
+    NEXT_STEP: tl.constexpr, BLOCK_: tl.constexpr,
+):
+    lane = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
+    mask = lane < lanes
+    g = tl.zeros([], tl.float32) + gamma
+    gl = tl.zeros([], tl.float32) + gamma_lam
+    next_value = tl.load(last_value_ptr + lane, mask=mask, other=0).to(tl.float32)
+    tail_flags = tl.load(tail_flags_ptr + lane, mask=mask, other=0).to(tl.int32)
+    tail_final = tl.load(tail_final_ptr + lane, mask=mask, other=0).to(tl.float32)
+    acc = tl.zeros([BLOCK_], tl.float32)
+    for i in range(rows):  # backward over the rollout: the one sequential dependency
+        t = rows - 1 - i
+        at = t.to(tl.int64) * lanes + lane
+        body = mask & (t < rows - 1)
+        flags = tl.where(t == rows - 1, tail_flags,
+                         tl.load(flags_ptr + at, mask=body, other=0).to(tl.int32))
+        final = tl.where(t == rows - 1, tail_final, tl.load(final_ptr + at, mask=body, other=0))
+        reward = tl.load(reward_ptr + at, mask=mask, other=0).to(tl.float32)
+        value = tl.load(value_ptr + at, mask=mask, other=0).to(tl.float32)
+        ended = (flags & ENDED_) != 0
+        truncated = (flags & TRUNCATED_) != 0
+        if NEXT_STEP:
+            cut_value = next_value
+        else:
+            cut_value = tl.where((flags & HAS_FINAL_) != 0, final, value)
+        boot = tl.where(ended, tl.where(truncated, cut_value, 0.0), next_value)
+        delta = reward + g * boot - value
+        carry = tl.where(ended, 0.0, gl)
+        if NEXT_STEP:
+            reset = tl.load(start_ptr + at, mask=mask, other=0) == SENTINEL_
+            delta = tl.where(reset, 0.0, delta)
+            carry = tl.where(reset, 0.0, carry)
+        acc = delta + carry * acc
+        tl.store(adv_ptr + at, acc, mask=mask)
+        tl.store(ret_ptr + at, acc + value, mask=mask)
+        next_value = value
+
+
+#: Lanes per GAE program: each walks its lanes' T rows backward.
+GAE_BLOCK = 256
+
+
+def gae(start: torch.Tensor, end_flags: torch.Tensor, reward: torch.Tensor, value: torch.Tensor,
+        final_value: torch.Tensor, tail_flags: torch.Tensor, tail_final: torch.Tensor,
+        last_value: torch.Tensor, gamma: float, lam: float, next_step: bool
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(lambda) over a rollout in one launch, one program per block of lanes: as
+    :func:`gpubuffers.reference.returns.gae` (same arguments and outputs)."""
+    rows, lanes = end_flags.shape
+    for name, t in (("reward", reward), ("value", value), ("final_value", final_value), ("start", start)):
+        if tuple(t.shape) != (rows, lanes):
+            raise ValueError(f"{name}: expected shape {(rows, lanes)}, got {tuple(t.shape)}")
+    if reward.dtype == torch.bool:
+        reward = reward.view(torch.uint8)
+    if value.dtype == torch.bool:
+        value = value.view(torch.uint8)
+    adv = torch.empty(rows, lanes, dtype=torch.float32, device=end_flags.device)
+    ret = torch.empty_like(adv)
+    grid = (triton.cdiv(lanes, GAE_BLOCK),)
+    _gae_kernel[grid](
+        adv, ret, reward.contiguous(), value.contiguous(), final_value.float().contiguous(), end_flags,
+        start, tail_flags.contiguous(), tail_final.float().contiguous(), last_value.float().contiguous(),
+        float(gamma), float(gamma * lam), rows, lanes, SENTINEL_=SENTINEL, ENDED_=ENDED,
+        TRUNCATED_=TRUNCATED, HAS_FINAL_=HAS_FINAL, NEXT_STEP=next_step, BLOCK_=GAE_BLOCK,
+    )
+    return adv, ret

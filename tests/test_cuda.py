@@ -148,3 +148,46 @@ def test_add_and_sample_replay_in_a_cuda_graph(marks, prio):
             assert torch.equal(x[:-1] if name == "leaf" else x, y[:-1] if name == "leaf" else y), name
     assert int(graphed.index.state[0]) == eager.num_adds
 
+
+
+@pytest.mark.parametrize("marks", ["first", "last"])
+@pytest.mark.parametrize("autoreset", ["same_step", "next_step"])
+def test_rollout_on_cuda_matches_torch_and_never_syncs(marks, autoreset):
+    from gpubuffers import RolloutBuffer
+
+    steps, lanes = 32, N
+    bufs = [RolloutBuffer(steps, lanes, device="cuda", done_marks=marks, autoreset=autoreset, seed=0, backend=b)
+            for b in ("triton", "torch")]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for rollout in range(3):
+        data = []
+        for t in range(steps):
+            done = torch.rand(lanes, generator=g, device="cuda") < 0.05
+            step = {"obs": torch.randn(lanes, 8, generator=g, device="cuda"),
+                    "reward": torch.randn(lanes, generator=g, device="cuda"),
+                    "value": torch.randn(lanes, 1, generator=g, device="cuda"),
+                    "h": torch.randn(lanes, 2, 4, generator=g, device="cuda")}
+            fv = torch.randn(lanes, generator=g, device="cuda") if autoreset == "same_step" else None
+            data.append((step, done, torch.rand(lanes, generator=g, device="cuda") < 0.5, fv))
+        last = torch.randn(lanes, generator=g, device="cuda")
+        nxt = {} if marks == "last" else {"next_done": data[0][1], "next_truncated": data[0][2]}
+        outs = []
+        for i, ro in enumerate(bufs):
+            torch.cuda.synchronize()
+            if i == 0 and rollout > 0:
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                for step, done, trunc, fv in data:
+                    ro.add(step, done, truncated=trunc, final_value=fv)
+                out = ro.compute_returns(last, 0.99, 0.95, normalize_advantage=rollout == 2, **nxt)
+                batches = [b["advantage"].sum() for b in ro.minibatches(4, 2)]
+                seqs = [b["initial_hidden"].sum() for b in ro.sequences(4, 1, hidden_key="h")]
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            outs.append({k: v.clone() for k, v in out.items()})
+            del batches, seqs
+        assert bufs[0]._ops.name == "triton"
+        for k in ("advantage", "return"):
+            torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-5)
+        for name in ("start", "end_flags"):
+            assert torch.equal(getattr(bufs[0].index, name), getattr(bufs[1].index, name))

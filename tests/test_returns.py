@@ -129,9 +129,9 @@ def test_nstep_never_syncs(marks, autoreset):
     (lambda b: b.sample(4, n_step=0, gamma=0.9), ValueError, "n_step: expected a positive int, got 0"),
     (lambda b: b.sample(4, n_step=9, gamma=0.9), ValueError, "n_step: expected a positive int of at most 8, got 9"),
     (lambda b: b.sample(4, n_step=2.0, gamma=0.9), TypeError, "n_step: expected a positive int, got float"),
-    (lambda b: b.sample(4, gamma=1.5), ValueError, "gamma: expected a float in [0, 1], got 1.5"),
-    (lambda b: b.sample(4, gamma=True), TypeError, "gamma: expected a float in [0, 1] or None, got bool"),
-    (lambda b: b.sample(4, gamma=torch.tensor(0.9)), TypeError, "gamma: expected a float in [0, 1] or None, got Tensor"),
+    (lambda b: b.sample(4, gamma=1.5), ValueError, "gamma: expected a float in [0.0, 1.0], got 1.5"),
+    (lambda b: b.sample(4, gamma=True), TypeError, "gamma: expected a float, got bool"),
+    (lambda b: b.sample(4, gamma=torch.tensor(0.9)), TypeError, "gamma: expected a float, got Tensor"),
 ])
 def test_bad_nstep_arguments_change_nothing(call, err, msg):
     buf = ReplayBuffer(32, 4, seed=0)

@@ -14,7 +14,7 @@ from .finals import store_finals
 from .gather import gather
 from .priority import (PriorityTree, promote, sample_prioritized_transitions, sample_prioritized_windows,
                        update_priorities)
-from .returns import nstep
+from .returns import gae, nstep
 from .rng import philox4x32, philox_below, philox_uniform
 from .sampling import (episode_choice, first_choice, live_span, pack_episodes, sample_episode_ends,
                        sample_transitions, sample_windows, slot_age, take, transition_links,
@@ -24,7 +24,7 @@ from .sampling import (episode_choice, first_choice, live_span, pack_episodes, s
 name = "torch"
 
 __all__ = ["layout", "ENDED", "HAS_FINAL", "SENTINEL", "TRUNCATED", "EpisodeIndex", "add_step", "advance",
-           "end_flags_of", "record_ends", "rows_of", "store_finals", "nstep", "gather", "philox4x32", "philox_below",
+           "end_flags_of", "record_ends", "rows_of", "store_finals", "gae", "nstep", "gather", "philox4x32", "philox_below",
            "philox_uniform", "PriorityTree", "promote", "sample_prioritized_transitions",
            "sample_prioritized_windows", "update_priorities", "transition_ids",
            "episode_choice", "first_choice", "live_span", "pack_episodes", "sample_episode_ends",

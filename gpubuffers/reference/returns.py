@@ -1,4 +1,4 @@
-"""Returns (pure torch): n-step segments of sampled transitions.
+"""Returns (pure torch): n-step segments of sampled transitions, and GAE over a rollout.
 
 The reference of :mod:`gpubuffers.kernels.returns`. For a transition at absolute row t, the
 segment runs over rows t, t+1, ... of its lane while they belong to its episode (it stops after
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import STATE_ADDS
+from ..layout import HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED
 from .episode_index import EpisodeIndex
 from .sampling import take, transition_links
 
@@ -51,3 +51,49 @@ def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch
                 "discount": torch.where(out["terminated"], 0.0, discount)})
     return out
 
+
+
+def gae(ix: EpisodeIndex, reward: torch.Tensor, value: torch.Tensor, final_value: torch.Tensor, tail_flags: torch.Tensor, tail_final: torch.Tensor,
+        last_value: torch.Tensor, gamma: float, lam: float, next_step: bool
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(lambda) advantages and returns of a rollout of T rows by N lanes (rows in order).
+
+    ix: the episode index of a ring of T rows holding the rollout, oldest first; row T - 1's
+        end flags and final value are read from ``tail_flags`` [N] uint8 and ``tail_final`` [N]
+        instead (under ``done_marks="first"`` its end arrives with the next add).
+    reward, value: [T, N] any real dtype (read as float32); final_value [T, N] float32: at an
+        end slot with ``HAS_FINAL``, the value of the episode's final observation.
+    last_value: [N] the value of the observation after row T - 1.
+
+    Per slot, the value it bootstraps from is the next row's value (``last_value`` after the
+    last row) inside an episode; 0 where it ends by termination; where it ends by truncation,
+    under ``next_step`` the next row's value (the reset row holds the final observation), under
+    ``same_step`` the stored final value, else (none given) the slot's own value. The recursion
+    ``adv[t] = delta[t] + gamma * lam * adv[t + 1]`` stops at every end. Reset rows
+    (``next_step``, ``start == SENTINEL``) get advantage 0. Returns ``(advantage, return)`` [T, N]
+    float32, ``return = advantage + value``; float32 throughout, summed in the kernel's order.
+    """
+    reward = reward.float()
+    value = value.float()
+    flags = torch.cat([ix.end_flags[:-1], tail_flags[None]])
+    ended = flags != 0  # every non-zero end flag has the ENDED bit
+    truncated = (flags & TRUNCATED) != 0
+    next_value = torch.cat([value[1:], last_value[None].float()])
+    if next_step:
+        cut_value = next_value
+    else:
+        final = torch.cat([final_value[:-1], tail_final[None].float()])
+        cut_value = torch.where((flags & HAS_FINAL) != 0, final, value)
+    boot = torch.where(ended, torch.where(truncated, cut_value, 0.0), next_value)
+    delta = reward + gamma * boot - value
+    carry = torch.full_like(delta, gamma * lam).masked_fill_(ended, 0.0)
+    if next_step:
+        reset = ix.start == SENTINEL
+        delta.masked_fill_(reset, 0.0)
+        carry.masked_fill_(reset, 0.0)
+    # In place, last row first: adv[t] = delta[t] + carry[t] * adv[t + 1], rounded after the
+    # product and after the sum, as the kernel computes it.
+    adv, term = delta, torch.empty_like(delta[0])
+    for t in range(delta.shape[0] - 2, -1, -1):  # the one sequential dependency
+        torch.add(adv[t], torch.mul(carry[t], adv[t + 1], out=term), out=adv[t])
+    return adv, adv + value

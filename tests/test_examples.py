@@ -1,0 +1,115 @@
+"""The examples: batched environments equal gymnasium's step for step, the PPO agent runs end to
+end (smoke, default run) and reaches its target (slow, opt-in: ``pytest -m slow``)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+sys.path.insert(0, EXAMPLES)
+
+import envs  # noqa: E402
+
+gymnasium = pytest.importorskip("gymnasium")
+
+
+def gym_step(name, state, action):
+    """One gymnasium step from ``state`` (float64, as gymnasium keeps it)."""
+    env = gymnasium.make(name)
+    env.reset(seed=0)
+    env.unwrapped.state = np.array(state, dtype=np.float64)
+    obs, reward, terminated, truncated, _ = env.step(action)
+    return obs, reward, terminated
+
+
+def test_cartpole_steps_like_gymnasium():
+    n = 64
+    env = envs.CartPole(n, seed=0)
+    g = torch.Generator().manual_seed(1)
+    # States across the whole box, some past the thresholds after one step.
+    state = (torch.rand(n, 4, generator=g) * 2 - 1) * torch.tensor([2.5, 2.0, 0.25, 2.0])
+    action = torch.randint(0, 2, (n,), generator=g)
+    new, reward, terminated = env._dynamics(state, action)
+    for i in range(n):
+        obs, r, term = gym_step("CartPole-v1", state[i].double().numpy(), int(action[i]))
+        np.testing.assert_allclose(new[i].numpy(), obs, rtol=1e-5, atol=1e-5)
+        assert float(reward[i]) == r and bool(terminated[i]) == term
+    assert 0 < int(terminated.sum()) < n
+
+
+def test_pendulum_steps_like_gymnasium():
+    n = 64
+    env = envs.Pendulum(n, seed=0)
+    g = torch.Generator().manual_seed(2)
+    state = (torch.rand(n, 2, generator=g) * 2 - 1) * torch.tensor([7.0, 9.0])
+    torque = (torch.rand(n, 1, generator=g) * 2 - 1) * 3.0  # some beyond the limit of 2
+    new, reward, terminated = env._dynamics(state, torque)
+    for i in range(n):
+        obs, r, term = gym_step("Pendulum-v1", state[i].double().numpy(), torque[i].numpy())
+        np.testing.assert_allclose(env.observe(new[i:i + 1])[0].numpy(), obs, rtol=1e-5, atol=1e-5)
+        assert abs(float(reward[i]) - r) <= 1e-5 * max(1.0, abs(r)) and not term and not bool(terminated[i])
+
+
+@pytest.mark.parametrize("cls,name", [(envs.CartPole, "CartPole-v1"), (envs.Pendulum, "Pendulum-v1")])
+def test_auto_reset_time_limits_and_final_obs(cls, name):
+    assert cls.max_steps == gymnasium.make(name).spec.max_episode_steps
+    n = 32
+    env = cls(n, seed=3)
+    if cls is envs.CartPole:
+        env.max_steps = 12  # random pushes rarely balance 500 steps: see truncations sooner
+    obs = env.reset()
+    steps = torch.zeros(n, dtype=torch.int64)
+    saw_trunc = saw_term = False
+    for _ in range(3 * env.max_steps):
+        prev_state = env.state.clone()
+        action = torch.zeros(n, 1) if cls is envs.Pendulum else torch.randint(0, 2, (n,))
+        expect_state, _, expect_term = env._dynamics(prev_state, action)
+        obs, reward, terminated, truncated, extras = env.step(action)
+        steps += 1
+        assert torch.equal(terminated, expect_term)
+        assert torch.equal(truncated, (steps >= env.max_steps) & ~expect_term)
+        done = terminated | truncated
+        # The final observation is the one the episode ended on; obs is the next episode's first.
+        assert torch.equal(extras["final_obs"][done], env.observe(expect_state)[done])
+        assert torch.equal(obs[~done], env.observe(expect_state)[~done])
+        steps[done] = 0
+        saw_trunc |= bool(truncated.any())
+        saw_term |= bool(terminated.any())
+    assert saw_trunc and (saw_term or cls is envs.Pendulum)
+
+
+def test_partial_cartpole_hides_the_velocities():
+    env = envs.PartialCartPole(8, seed=0)
+    obs = env.reset()
+    assert obs.shape == (8, 2) and torch.equal(obs, env.state[:, [0, 2]])
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_ppo_example_runs_and_writes_its_curve(tmp_path):
+    import ppo
+
+    out = ppo.main(["--iterations", "3", "--num-envs", "64", "--num-steps", "8", "--quiet",
+                    "--out", str(tmp_path)])
+    rows = read_csv(tmp_path / "ppo_cartpole.csv")
+    assert len(rows) == 3 and int(rows[-1]["env_steps"]) == 3 * 8 * 64
+    assert set(out["phases"]) == set(ppo.PHASES) and all(v > 0 for v in out["phases"].values())
+    assert (tmp_path / "ppo_cartpole.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+@pytest.mark.slow
+def test_ppo_reaches_475_on_cartpole_within_5_minutes(tmp_path):
+    import ppo
+
+    out = ppo.main(["--seed", "0", "--iterations", "200", "--quiet", "--out", str(tmp_path)])
+    assert out["mean_return"] >= 475 and out["wall_s"] <= 300
