@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from envs import CartPole  # noqa: E402
+from envs import CartPole, PartialCartPole  # noqa: E402
 
 from gpubuffers import RolloutBuffer  # noqa: E402
 
 PHASES = ("sim", "act", "add", "returns", "learn")
+ENVS = {"cartpole": CartPole, "partial": PartialCartPole}
 
 
 def mlp(inp: int, out: int, hidden: int = 64, gain: float = 1.0) -> nn.Sequential:
@@ -63,6 +64,8 @@ class Timer:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--env", choices=sorted(ENVS), default="cartpole",
+                   help="partial: CartPole observed without velocities")
     p.add_argument("--num-envs", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--iterations", type=int, default=60)
@@ -85,7 +88,7 @@ def main(argv=None) -> dict:
     args = parse(argv)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    env = CartPole(args.num_envs, device, seed=args.seed)
+    env = ENVS[args.env](args.num_envs, device, seed=args.seed)
     actor = mlp(env.obs_dim, env.action_dim, gain=0.01).to(device)
     critic = mlp(env.obs_dim, 1).to(device)
     opt = torch.optim.Adam([*actor.parameters(), *critic.parameters()], lr=args.lr, eps=1e-5)
@@ -168,7 +171,7 @@ def main(argv=None) -> dict:
             break
     if bar is not None:
         bar.close()
-    write(rows, args.out, "ppo_cartpole", f"PPO, CartPole, {n} lanes, {device}")
+    write(rows, args.out, f"ppo_{args.env}", f"PPO, {env.__class__.__name__}, {n} lanes, {device}")
     return {"rows": rows, "mean_return": recent, "wall_s": rows[-1]["wall_s"], "phases": dict(timer.total)}
 
 

@@ -137,7 +137,8 @@ class RolloutBuffer(Lanes):
         final_value: [N] (or [N, 1]) the critic's value of the final observation of each episode
             that the flags close with this add (under ``done_marks="first"`` they closed on the
             previous row), so that a truncated episode bootstraps from ``gamma * V(final obs)``.
-            Values of lanes whose episode did not end are ignored. Without it, a truncated
+            Values of lanes whose episode did not end by truncation are ignored (``done``
+            without ``truncated``/``terminated`` reads every end as a termination). Without it, a truncated
             episode bootstraps from the value of its own last row (rsl_rl's approximation).
             Not used with ``autoreset="next_step"``, where the reset row after an episode's end
             holds the final observation and its ``value_key`` leaf is that value.
@@ -225,7 +226,9 @@ class RolloutBuffer(Lanes):
                         next_final_value: Any = None) -> dict[str, torch.Tensor]:
         """GAE(lambda) advantages and returns of the full rollout, on the device with no host
         sync, stored as the leaves ``"advantage"`` and ``"return"`` (``advantage + value``), of
-        the ``value_key`` leaf's shape ``[T, N(, 1)]``, float32; returns them.
+        the ``value_key`` leaf's shape ``[T, N(, 1)]`` (a single environment is one lane:
+        ``[T, 1(, 1)]``), float32. Returns those leaves themselves: the next rollout's
+        ``compute_returns`` overwrites them in place (clone what must outlive the rollout).
 
         last_value: [N] the critic's value of the observation that follows the last row.
         gamma, lam: discount and GAE lambda, floats in [0, 1].

@@ -113,3 +113,24 @@ def test_ppo_reaches_475_on_cartpole_within_5_minutes(tmp_path):
 
     out = ppo.main(["--seed", "0", "--iterations", "200", "--quiet", "--out", str(tmp_path)])
     assert out["mean_return"] >= 475 and out["wall_s"] <= 300
+
+
+def test_recurrent_ppo_example_runs_and_writes_its_curve(tmp_path):
+    import ppo_recurrent
+
+    out = ppo_recurrent.main(["--iterations", "2", "--num-envs", "32", "--num-steps", "8", "--minibatches", "4",
+                              "--quiet", "--out", str(tmp_path)])
+    rows = read_csv(tmp_path / "ppo_recurrent_partial.csv")
+    assert len(rows) == 2 and int(rows[-1]["env_steps"]) == 2 * 8 * 32
+    assert all(v > 0 for v in out["phases"].values())
+
+
+@pytest.mark.slow
+def test_recurrent_ppo_learns_what_a_feed_forward_agent_cannot(tmp_path):
+    import ppo
+    import ppo_recurrent
+
+    rec = ppo_recurrent.main(["--seed", "0", "--iterations", "400", "--target", "400", "--max-minutes", "10",
+                              "--quiet", "--out", str(tmp_path)])
+    ff = ppo.main(["--seed", "0", "--env", "partial", "--iterations", "60", "--quiet", "--out", str(tmp_path)])
+    assert rec["mean_return"] >= 400 and ff["mean_return"] < 100
