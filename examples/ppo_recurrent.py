@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Curve, Returns, Timer  # noqa: E402
 from envs import PartialCartPole  # noqa: E402
-from ppo import Timer, mlp, parse, write  # noqa: E402
+from ppo import PHASES, mlp, parse, summary  # noqa: E402
 
 from gpubuffers import RolloutBuffer  # noqa: E402
 
@@ -48,7 +48,7 @@ class RecurrentAgent(nn.Module):
 
 
 def main(argv=None) -> dict:
-    args = parse(argv)
+    args = parse(argv, __doc__, choose_env=False)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     env = PartialCartPole(args.num_envs, device, seed=args.seed)
@@ -59,14 +59,10 @@ def main(argv=None) -> dict:
 
     obs = env.reset()
     h = torch.zeros(n, agent.hidden, device=device)
-    ep_return = torch.zeros(n, device=device)
-    timer = Timer(device)
-    rows, window = [], []
-    began = time.perf_counter()
-    recent = float("nan")
+    returns = Returns(n, device)
+    timer = Timer(device, PHASES)
+    curve = Curve(args, args.iterations)
     for it in range(args.iterations):
-        ended_sum = torch.zeros((), device=device)
-        ended_count = torch.zeros((), device=device)
         timer.start()
         with torch.no_grad():
             for _ in range(args.num_steps):
@@ -85,10 +81,7 @@ def main(argv=None) -> dict:
                         "reward": reward}, terminated=terminated, truncated=truncated, final_value=final_value)
                 timer.stop("add")
                 done = terminated | truncated
-                ep_return += reward
-                ended_sum += torch.where(done, ep_return, 0.0).sum()
-                ended_count += done.sum()
-                ep_return = torch.where(done, 0.0, ep_return)
+                returns.step(reward, done)
                 h = torch.where(done[:, None], 0.0, h_new)  # a new episode starts from a fresh state
                 obs = next_obs
                 timer.stop("sim")
@@ -113,25 +106,10 @@ def main(argv=None) -> dict:
             nn.utils.clip_grad_norm_(agent.parameters(), 0.5)
             opt.step()
         timer.stop("learn")
-        window = (window + [(float(ended_sum), float(ended_count))])[-5:]  # one host read per iteration
-        count = sum(c for _, c in window)
-        if count:
-            recent = sum(r for r, _ in window) / count
-        wall = time.perf_counter() - began
-        rows.append({"iteration": it + 1, "env_steps": (it + 1) * args.num_steps * n, "wall_s": round(wall, 3),
-                     "mean_return": round(recent, 2), "episodes": int(window[-1][1]),
-                     **{f"{k}_s": round(v, 4) for k, v in timer.total.items()}})
-        if not args.quiet:
-            print(f"it {it + 1} steps {rows[-1]['env_steps']} return {recent:.1f} "
-                  f"({rows[-1]['env_steps'] / wall:,.0f} steps/s)", flush=True)
-        if recent >= args.target or wall > 60 * args.max_minutes:
+        if curve.record(it + 1, (it + 1) * args.num_steps * n, returns.mean(), timer, episodes=returns.episodes):
             break
-    write(rows, args.out, "ppo_recurrent_partial", f"recurrent PPO (GRU), PartialCartPole, {n} lanes, {device}")
-    return {"rows": rows, "mean_return": recent, "wall_s": rows[-1]["wall_s"], "phases": dict(timer.total)}
-
+    return curve.finish("ppo_recurrent_partial", f"recurrent PPO (GRU), PartialCartPole, {n} lanes, {device}",
+                        timer)
 
 if __name__ == "__main__":
-    out = main()
-    total = sum(out["phases"].values())
-    print(f"mean return {out['mean_return']:.1f} after {out['wall_s']:.0f} s; time split: " +
-          ", ".join(f"{k} {v / total:.0%}" for k, v in out["phases"].items()))
+    print(summary(main()))
