@@ -17,9 +17,11 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict"],
+        "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict",
+                 "mujoco", "imageio"],
         "bench": ["matplotlib", "pytest-benchmark", "torchrl", "tensordict"],
-        # The examples' progress bars and learning curves (they run without them too).
-        "examples": ["matplotlib", "tqdm", "gymnasium>=1.0"],
+        # The examples' progress bars and learning curves (they run without them too), and the
+        # MuJoCo simulator behind gymnasium's HalfCheetah-v5 (examples/td3.py --env halfcheetah).
+        "examples": ["matplotlib", "tqdm", "gymnasium>=1.0", "mujoco", "imageio"],
     },
 )

@@ -118,6 +118,7 @@ class Pendulum(BatchedEnv):
     action_dim = 1
     max_steps = 200
     max_speed, max_torque, dt, g, m, l = 8.0, 2.0, 0.05, 10.0, 1.0, 1.0
+    action_bound = max_torque
 
     def _initial(self, n: int) -> torch.Tensor:
         high = torch.tensor([math.pi, 1.0], device=self.device)
@@ -136,3 +137,39 @@ class Pendulum(BatchedEnv):
     def observe(self, state: torch.Tensor) -> torch.Tensor:
         th, thdot = state.unbind(1)
         return torch.stack([torch.cos(th), torch.sin(th), thdot], 1)
+
+
+class GymnasiumVec:
+    """A gymnasium vector environment (``gymnasium.make_vec``) behind the same torch interface:
+    numpy in and out of the simulator, tensors on ``device`` in and out of this adapter.
+
+    gymnasium's default autoreset is ``next_step``: after an episode ends, the next step is a
+    reset step (its action is ignored, it returns the first observation of the next episode with
+    reward 0), so the observation returned with the end flags is the final one and there are no
+    ``extras["final_obs"]``; store it in a buffer built with ``autoreset="next_step"``.
+    """
+
+    def __init__(self, name: str, num_envs: int, device: str | torch.device = "cpu", seed: int = 0) -> None:
+        import gymnasium
+
+        self.envs = gymnasium.make_vec(name, num_envs=num_envs, vectorization_mode="sync")
+        self.num_envs = num_envs
+        self.device = torch.device(device)
+        self.seed = seed
+        space = self.envs.single_action_space
+        self.obs_dim = self.envs.single_observation_space.shape[0]
+        self.action_dim = space.shape[0]
+        self.action_bound = float(space.high[0])  # symmetric: [-bound, bound] per dimension
+        self.max_steps = self.envs.spec.max_episode_steps
+
+    def _tensor(self, x) -> torch.Tensor:
+        return torch.as_tensor(x, device=self.device)
+
+    def reset(self) -> torch.Tensor:
+        obs, _ = self.envs.reset(seed=self.seed)
+        return self._tensor(obs).float()
+
+    def step(self, action: torch.Tensor):
+        obs, reward, terminated, truncated, _ = self.envs.step(action.detach().cpu().numpy())
+        return (self._tensor(obs).float(), self._tensor(reward).float(), self._tensor(terminated),
+                self._tensor(truncated), {})

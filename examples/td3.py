@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import Curve, Timer, arguments  # noqa: E402
-from envs import Pendulum  # noqa: E402
+from envs import GymnasiumVec, Pendulum  # noqa: E402
 from ppo import summary  # noqa: E402
 
 from gpubuffers import ReplayBuffer  # noqa: E402
@@ -50,6 +50,9 @@ class Critic(nn.Module):
 
 def parse(argv=None):
     p = arguments(__doc__, target=-250.0, minutes=10.0)
+    p.add_argument("--env", choices=("pendulum", "halfcheetah"), default="pendulum",
+                   help="halfcheetah: gymnasium's MuJoCo HalfCheetah-v5 through make_vec (autoreset next_step; "
+                        "pip install -e '.[examples]')")
     p.add_argument("--iterations", type=int, default=3000, help="env steps per lane at most")
     p.add_argument("--capacity", type=int, default=1 << 20)
     p.add_argument("--batch-size", type=int, default=1024)
@@ -69,14 +72,17 @@ def main(argv=None) -> dict:
     args = parse(argv)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    env = Pendulum(args.num_envs, device, seed=args.seed)
-    bound = env.max_torque
+    gym = args.env == "halfcheetah"
+    env = GymnasiumVec("HalfCheetah-v5", args.num_envs, device, args.seed) if gym else \
+        Pendulum(args.num_envs, device, seed=args.seed)
+    bound, act_dim = env.action_bound, env.action_dim
     actor = nn.Sequential(net(env.obs_dim, env.action_dim, args.hidden), nn.Tanh()).to(device)
     critic = Critic(env.obs_dim, env.action_dim, args.hidden).to(device)
     actor_t, critic_t = copy.deepcopy(actor), copy.deepcopy(critic)
     actor_opt = torch.optim.Adam(actor.parameters(), lr=args.lr)
     critic_opt = torch.optim.Adam(critic.parameters(), lr=args.lr)
     buf = ReplayBuffer(args.capacity, args.num_envs, device=device, done_marks="last", seed=args.seed,
+                       autoreset="next_step" if gym else "same_step",
                        priority_alpha=0.6 if args.prioritized else None)
     n = args.num_envs
     gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -91,15 +97,15 @@ def main(argv=None) -> dict:
         timer.start()
         with torch.no_grad():
             if it < args.warmup:
-                action = (torch.rand(n, 1, generator=gen, device=device) * 2 - 1) * bound
+                action = (torch.rand(n, act_dim, generator=gen, device=device) * 2 - 1) * bound
             else:
-                noise = torch.randn(n, 1, generator=gen, device=device) * args.noise * bound
+                noise = torch.randn(n, act_dim, generator=gen, device=device) * args.noise * bound
                 action = (actor(obs) * bound + noise).clamp(-bound, bound)
         timer.stop("act")
         next_obs, reward, terminated, truncated, extras = env.step(action)
         timer.stop("sim")
         buf.add({"obs": obs, "action": action, "reward": reward}, terminated=terminated, truncated=truncated,
-                final_obs=extras["final_obs"])
+                final_obs=extras.get("final_obs"))  # next_step: the next row holds the final obs
         timer.stop("add")
         obs = next_obs
         if it >= args.warmup:
@@ -108,7 +114,7 @@ def main(argv=None) -> dict:
                 timer.stop("sample")
                 with torch.no_grad():
                     nxt = batch["next"]["obs"]
-                    smooth = (torch.randn(args.batch_size, 1, generator=gen, device=device) * 0.2).clamp(-0.5, 0.5)
+                    smooth = (torch.randn(args.batch_size, act_dim, generator=gen, device=device) * 0.2).clamp(-0.5, 0.5)
                     a_next = (actor_t(nxt) + smooth).clamp(-1, 1) * bound
                     q_next = torch.min(*critic_t(nxt, a_next))
                     target = batch["return"] + batch["discount"] * q_next
@@ -140,8 +146,9 @@ def main(argv=None) -> dict:
                 recent = float(stats["mean_return"])
             if curve.record(it + 1, (it + 1) * n, recent, timer, updates=updates):
                 break
-    name = "td3_pendulum" + ("_prioritized" if args.prioritized else "")
-    return curve.finish(name, f"TD3{' + PER' if args.prioritized else ''}, Pendulum, {n} lanes, {device}", timer)
+    name = f"td3_{args.env}" + ("_prioritized" if args.prioritized else "")
+    title = f"TD3{' + PER' if args.prioritized else ''}, {'HalfCheetah-v5' if gym else 'Pendulum'}, {n} lanes, {device}"
+    return curve.finish(name, title, timer)
 
 if __name__ == "__main__":
     print(summary(main()))

@@ -158,3 +158,16 @@ def test_td3_reaches_minus_250_on_pendulum_within_10_minutes(tmp_path, prioritiz
 
     out = td3.main(["--seed", "0", "--quiet", "--out", str(tmp_path)] + (["--prioritized"] if prioritized else []))
     assert out["mean_return"] >= -250 and out["wall_s"] <= 600
+
+
+def test_td3_drives_a_gymnasium_mujoco_vector_env(tmp_path):
+    """The gymnasium path end to end: HalfCheetah-v5 through make_vec (next_step autoreset, numpy
+    in and out), a buffer with autoreset="next_step", n-step samples, a few hundred steps."""
+    pytest.importorskip("mujoco", reason="pip install -e '.[examples]' (or '.[test]') brings mujoco")
+    import td3
+
+    out = td3.main(["--env", "halfcheetah", "--num-envs", "4", "--iterations", "300", "--warmup", "20",
+                    "--batch-size", "64", "--updates", "1", "--hidden", "32", "--quiet", "--out", str(tmp_path)])
+    rows = read_csv(tmp_path / "td3_halfcheetah.csv")
+    assert int(rows[-1]["env_steps"]) == 300 * 4 and int(rows[-1]["updates"]) == 280
+    assert all(v > 0 for v in out["phases"].values())
