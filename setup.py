@@ -18,7 +18,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict",
-                 "mujoco", "imageio"],
+                 "mujoco", "imageio", "safetensors"],
+        # ReplayBuffer.save / ReplayBuffer.load write and read safetensors files.
+        "checkpoint": ["safetensors"],
         "bench": ["matplotlib", "pytest-benchmark", "torchrl", "tensordict"],
         # The examples' progress bars and learning curves (they run without them too), and the
         # MuJoCo simulator behind gymnasium's HalfCheetah-v5 (examples/td3.py --env halfcheetah).

@@ -7,7 +7,7 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from . import layout, ops
+from . import checkpoint, layout, ops
 from .layout import STATE_ADDS, TRUNCATED
 from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids
 from .specs import LeafSpec, as_tensor, carrier, check_leaf, flatten, resolve_device, unflatten
@@ -224,6 +224,33 @@ class ReplayBuffer(Lanes):
         if self._reward_tracked:
             out["mean_return"] = torch.where(some, sums[2] / count, nan)
         return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs (see :mod:`gpubuffers.checkpoint`): ``{"header":
+        settings, leaf specs and counters, "tensors": the live rows, the episode index, side
+        tables, statistics, priorities and random state}``; tensors are views where they can be."""
+        return checkpoint.state_dict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` into this buffer, built with the same settings (a
+        ValueError names any that differ; nothing changes then). Afterwards adds and samples
+        continue exactly as they would have in the saved buffer, on the same backend and device
+        kind; across device kinds the Philox stream (Triton backend) continues, and the torch
+        generator (reference backend) restarts from the seed."""
+        checkpoint.load_state_dict(self, state)
+
+    def save(self, path: str) -> None:
+        """Write :meth:`state_dict` to ``path`` (safetensors + a JSON header, checksummed, written
+        atomically: a crash leaves the previous file at ``path`` intact)."""
+        checkpoint.save(self, path)
+
+    @classmethod
+    def load(cls, path: str, device: str | torch.device | None = None) -> "ReplayBuffer":
+        """A buffer restored from a :meth:`save` file, on ``device`` (default: the kind of
+        device it was saved from). A damaged file, a newer format or a checksum that does not
+        match raises a ValueError."""
+        return checkpoint.load(cls, path, device)
 
     def __repr__(self) -> str:
         return (f"ReplayBuffer(capacity={self.capacity}, num_envs={self.num_envs}, rows={self._rows}, "

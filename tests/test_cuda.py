@@ -191,3 +191,25 @@ def test_rollout_on_cuda_matches_torch_and_never_syncs(marks, autoreset):
             torch.testing.assert_close(outs[0][k], outs[1][k], rtol=1e-5, atol=1e-5)
         for name in ("start", "end_flags"):
             assert torch.equal(getattr(bufs[0].index, name), getattr(bufs[1].index, name))
+
+
+def test_checkpoint_resumes_on_cuda_and_moves_to_cpu(tmp_path):
+    pytest.importorskip("safetensors")
+    a = ReplayBuffer(64 * N, N, done_marks="last", seed=0, priority_alpha=0.6)
+    fill(a, 40)
+    a.save(tmp_path / "c.safetensors")
+    b = ReplayBuffer.load(tmp_path / "c.safetensors")  # back onto CUDA, the Triton backend
+    assert b.device.type == "cuda" and b._ops.name == "triton"
+    for buf in (a, b):
+        fill(buf, 10, seed=7)
+    sa, sb = a.sample(256, n_step=3, gamma=0.99), b.sample(256, n_step=3, gamma=0.99)
+    for k in ("obs", "index", "weight", "return"):
+        assert torch.equal(sa[k], sb[k]), k
+    c = ReplayBuffer.load(tmp_path / "c.safetensors", device="cpu")
+    d = ReplayBuffer.load(tmp_path / "c.safetensors")
+    assert c.device.type == "cpu" and c._ops.name == "torch" and c.num_adds == 40
+    for p in c.storage:
+        assert torch.equal(c.storage[p], d.storage[p].cpu()), p
+    for name in ("start", "end_flags", "ret", "final_idx", "fin_head", "state"):
+        assert torch.equal(getattr(c.index, name), getattr(d.index, name).cpu()), name
+    assert torch.equal(c._tree.leaf, d._tree.leaf.cpu())

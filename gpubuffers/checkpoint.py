@@ -1,0 +1,239 @@
+"""Checkpoints of a ReplayBuffer: everything an exact resume needs, as tensors plus a JSON header.
+
+``state_dict`` holds the stored rows that are live (a buffer that has not wrapped yet gives only
+its written rows), the episode index, the final-observation side tables, the per-row statistics,
+the priority tree where present, the host counters, the constructor settings and the random
+state of both backends (the torch generator's state, and the Philox seed and offset the kernels
+draw from). ``save`` writes it as one safetensors file (every tensor as raw bytes, its shape and
+dtype in the header, a SHA-256 of the bytes to catch corruption), atomically: a temporary file in
+the same folder, fsync, rename, fsync of the folder (a save killed midway leaves its temporary
+folder, which the next save to that path removes). Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from .specs import LeafSpec, resolve_device
+
+FORMAT = 1
+_KEY = "gpubuffers"
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+    torch.float32, torch.float64, torch.complex64, torch.complex128,
+    *(getattr(torch, n) for n in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2")
+      if hasattr(torch, n)))}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def state_dict(buf) -> dict[str, Any]:
+    """``{"header": {...}, "tensors": {name: tensor}}`` of ``buf`` (tensors on its device, not
+    copies where a view suffices: save or clone before the buffer moves on)."""
+    if buf._ix is None:
+        raise ValueError("state_dict: the buffer is empty (nothing was added yet); there is nothing to save")
+    live = buf.live_rows
+    ix, tree = buf._ix, buf._tree
+    tensors = {f"storage/{p}": t[:live] for p, t in buf._storage.items()}
+    tensors.update({f"final/{p}": t for p, t in buf._final.items()})
+    tensors.update({"index/start": ix.start[:live], "index/end_flags": ix.end_flags[:live],
+                    "index/ret": ix.ret[:live], "index/final_idx": ix.final_idx[:live],
+                    "index/fin_head": ix.fin_head, "index/state": ix.state,
+                    "stats/rows": buf._row_stats[:live], "stats/totals": buf._stat_totals,
+                    "rng/generator": buf._rng.generator.get_state()})
+    if tree is not None:
+        tensors.update({"tree/leaf": tree.leaf, "tree/sums": tree.sums, "tree/mins": tree.mins,
+                        "tree/maxp": tree.maxp})
+    header = {
+        "format": FORMAT,
+        "settings": {"capacity": buf.capacity, "num_envs": buf.num_envs, "done_marks": buf.done_marks,
+                     "autoreset": buf.autoreset, "next_keys": list(buf.next_keys), "seed": buf._seed,
+                     "reward_key": buf.reward_key, "final_obs_capacity": buf._final_rows * buf._lanes,
+                     "max_proposals": buf.max_proposals, "backend": buf._backend,
+                     "priority_alpha": buf.priority_alpha, "priority_eps": buf.priority_eps},
+        "specs": {p: {"shape": list(s.shape), "dtype": _dtype_name(s.dtype)} for p, s in buf._specs.items()},
+        "counters": {"adds": buf._total, "episode_rows": buf._episode_rows, "rng_offset": buf._rng.offset,
+                     "generator_device": buf._rng.generator.device.type},
+        "device": buf._device.type,
+    }
+    return {"header": header, "tensors": tensors}
+
+
+def load_state_dict(buf, sd: dict[str, Any]) -> None:
+    """Restore ``sd`` (from :func:`state_dict`, or read by :func:`load`) into ``buf``, which must
+    have been built with the same settings; allocates on ``buf``'s device when it is empty. A
+    state that does not match raises a ValueError naming what differs and leaves ``buf`` as it
+    was."""
+    header, tensors = _checked(sd)
+    settings = header["settings"]
+    mine = {"capacity": buf.capacity, "num_envs": buf.num_envs, "done_marks": buf.done_marks,
+            "autoreset": buf.autoreset, "next_keys": list(buf.next_keys), "reward_key": buf.reward_key,
+            "final_obs_capacity": buf._final_rows * buf._lanes, "priority_alpha": buf.priority_alpha,
+            "priority_eps": buf.priority_eps}
+    for k, v in mine.items():
+        if settings[k] != v:
+            raise ValueError(f"state_dict: saved with {k}={settings[k]!r}, this buffer has {k}={v!r}")
+    specs = {p: LeafSpec(tuple(s["shape"]), _DTYPES[s["dtype"]]) for p, s in header["specs"].items()}
+    if buf._specs is not None and buf._specs != specs:
+        differ = sorted(p for p in set(specs) | set(buf._specs) if specs.get(p) != buf._specs.get(p))
+        raise ValueError(f"state_dict: saved leaves differ from this buffer's at {differ}: saved "
+                         f"{ {p: specs.get(p) for p in differ} }, here { {p: buf._specs.get(p) for p in differ} }")
+    counters = header["counters"]
+    live = min(counters["adds"], buf.rows)
+    for name, t in tensors.items():
+        if name.startswith(("storage/", "index/start", "index/end_flags", "index/ret", "index/final_idx",
+                            "stats/rows")) and t.shape[0] != live:
+            raise ValueError(f"state_dict: {name!r} holds {t.shape[0]} rows, expected the {live} live rows")
+    device = buf._device if buf._device is not None else next(iter(tensors.values())).device
+    fresh = buf._allocate(specs, device) if buf._specs is None else None
+    with torch.no_grad():
+        if fresh is not None:
+            buf.__dict__.update(fresh)
+        _restore(buf, tensors, live)
+    buf._seed = settings["seed"]
+    buf._rng.seed = settings["seed"]
+    buf._rng.offset = counters["rng_offset"]
+    if counters["generator_device"] == buf._rng.generator.device.type:
+        buf._rng.generator.set_state(tensors["rng/generator"].cpu())
+    else:  # generator states do not carry across device types: restart the stream from the seed
+        buf._rng.generator.manual_seed(settings["seed"])
+    buf._total = counters["adds"]
+    buf._episode_rows = counters["episode_rows"]
+    buf._episode_rows_at = -1
+    buf._episode_ends = None
+
+
+def _restore(buf, tensors: dict[str, torch.Tensor], live: int) -> None:
+    ix, tree = buf._ix, buf._tree
+    for p, t in buf._storage.items():
+        t[:live].copy_(tensors[f"storage/{p}"])
+    for p, t in buf._final.items():
+        t.copy_(tensors[f"final/{p}"])
+    for name in ("start", "end_flags", "ret", "final_idx"):
+        getattr(ix, name)[:live].copy_(tensors[f"index/{name}"])
+    ix.fin_head.copy_(tensors["index/fin_head"])
+    ix.state.copy_(tensors["index/state"])
+    buf._row_stats[:live].copy_(tensors["stats/rows"])
+    buf._stat_totals.copy_(tensors["stats/totals"])
+    if tree is not None:
+        for name in ("leaf", "sums", "mins", "maxp"):
+            getattr(tree, name).copy_(tensors[f"tree/{name}"])
+
+
+def _checked(sd: Any) -> tuple[dict, dict]:
+    if not isinstance(sd, dict) or set(sd) != {"header", "tensors"}:
+        raise TypeError("state_dict: expected the dict that ReplayBuffer.state_dict() returns "
+                        "({'header': ..., 'tensors': ...})")
+    header, tensors = sd["header"], sd["tensors"]
+    version = header.get("format")
+    if version != FORMAT:
+        raise ValueError(f"state_dict: format version {version!r}; this gpubuffers reads version {FORMAT}"
+                         + (" (written by a newer gpubuffers: upgrade)" if isinstance(version, int)
+                            and version > FORMAT else ""))
+    return header, tensors
+
+
+def save(buf, path: str | os.PathLike) -> None:
+    """Write ``buf``'s state to ``path`` atomically (see the module doc)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError as err:
+        raise ImportError("save: checkpoints are safetensors files; pip install safetensors "
+                          "(or gpubuffers[checkpoint])") from err
+    sd = state_dict(buf)
+    raw, shapes = {}, {}
+    digest = hashlib.sha256()
+    for name in sorted(sd["tensors"]):
+        t = sd["tensors"][name].detach().contiguous().cpu()
+        shapes[name] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+        b = t.reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
+        digest.update(b.numpy().tobytes())
+        raw[name] = b
+    header = dict(sd["header"], tensors=shapes, sha256=digest.hexdigest())
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    # Written in a private folder beside the target (safetensors' own temporary files land there
+    # too), then renamed over it. A save killed midway leaves that folder: the next save to this
+    # path removes it (saves to one path are not concurrent).
+    for name in os.listdir(folder):
+        if name.startswith(f".{base}.") and name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+    work = os.path.join(folder, f".{base}.{os.getpid()}.tmp")
+    os.makedirs(work)
+    try:
+        tmp = os.path.join(work, base)
+        save_file(raw, tmp, metadata={_KEY: json.dumps(header)})
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    dfd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read(path: str | os.PathLike, device: str | torch.device | None = None) -> dict[str, Any]:
+    """The state dict stored at ``path``, its tensors on ``device`` (default CPU), after checking
+    the file's format version and checksum."""
+    try:
+        from safetensors import safe_open
+    except ImportError as err:
+        raise ImportError("load: checkpoints are safetensors files; pip install safetensors "
+                          "(or gpubuffers[checkpoint])") from err
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            raw = {name: f.get_tensor(name) for name in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors reports a damaged file with its own error types
+        raise ValueError(f"path: {path!r} is not a readable gpubuffers checkpoint ({err})") from err
+    if _KEY not in meta:
+        raise ValueError(f"path: {path!r} is a safetensors file without a gpubuffers header")
+    header = json.loads(meta[_KEY])
+    _checked({"header": header, "tensors": {}})
+    shapes = header.pop("tensors")
+    expected = header.pop("sha256")
+    if set(shapes) != set(raw):
+        raise ValueError(f"path: {path!r} lists tensors {sorted(shapes)} but holds {sorted(raw)}")
+    digest = hashlib.sha256()
+    for name in sorted(raw):
+        digest.update(raw[name].numpy().tobytes())
+    if digest.hexdigest() != expected:
+        raise ValueError(f"path: {path!r} is corrupted: the checksum of its tensor bytes does not match")
+    dev = torch.device("cpu") if device is None else resolve_device(device)
+    tensors = {}
+    for name, b in raw.items():
+        meta_t = shapes[name]
+        t = b.view(_DTYPES[meta_t["dtype"]]).reshape(meta_t["shape"]) if b.numel() else \
+            torch.zeros(meta_t["shape"], dtype=_DTYPES[meta_t["dtype"]])
+        tensors[name] = t if name == "rng/generator" else t.to(dev)
+    return {"header": header, "tensors": tensors}
+
+
+def load(cls, path: str | os.PathLike, device: str | torch.device | None = None):
+    """A new ``cls`` (ReplayBuffer) restored from ``path`` onto ``device`` (default: the kind of
+    device it was saved from, ``"cuda"`` meaning the current one)."""
+    sd = read(path)
+    header = sd["header"]
+    dev = resolve_device(header["device"] if device is None else device)
+    buf = cls(**header["settings"], device=dev)
+    load_state_dict(buf, sd)
+    return buf

@@ -1,0 +1,229 @@
+"""Checkpoints: exact resume (a loaded buffer continues bit for bit as the saved one would have),
+half-full buffers write only their rows, damaged and mismatched files are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from gpubuffers import ReplayBuffer
+
+pytest.importorskip("safetensors")
+
+BACKENDS = ["torch"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+N = 6
+
+
+def step(a, g):
+    return {"obs": torch.randn(N, 3, generator=g), "action": torch.randint(0, 4, (N,), generator=g).to(torch.uint8),
+            "reward": torch.randn(N, generator=g), "info": {"row": torch.full((N,), a)}}
+
+
+def drive(buf, start, stop, seed):
+    """Adds with terminations, truncations and final observations, and every sampler after each;
+    returns what the samplers gave."""
+    g = torch.Generator().manual_seed(seed * 1000 + start)
+    out = []
+    for a in range(start, stop):
+        done = torch.rand(N, generator=g) < 0.2
+        trunc = torch.rand(N, generator=g) < 0.5
+        fo = torch.randn(N, 3, generator=g) if buf.autoreset == "same_step" else None
+        buf.add(step(a, g), done, truncated=trunc, final_obs=fo)
+        if buf.num_adds >= 4:
+            prio = {} if buf.priority_alpha is None else {"priority_beta": 0.5}
+            s = buf.sample(16, n_step=2, gamma=0.9, **prio)
+            out.append(s)
+            out.append(buf.sample_sequences(4, 3, **prio))
+            out.append(buf.sample_episodes(3, max_rows=24))
+            if buf.priority_alpha is not None:
+                buf.update_priorities(s["index"], s["return"].abs())
+    out.append(buf.episode_stats())
+    return out
+
+
+def flat(x, prefix=""):
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from flat(v, f"{prefix}{k}/")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            yield from flat(v, f"{prefix}{i}/")
+    else:
+        yield prefix, x
+
+
+def assert_same(a, b):
+    fa, fb = dict(flat(a)), dict(flat(b))
+    assert fa.keys() == fb.keys()
+    for k in fa:
+        assert torch.equal(fa[k], fb[k]) or (fa[k].is_floating_point() and torch.equal(fa[k].isnan(), fb[k].isnan())
+                                              and torch.equal(fa[k].nan_to_num(), fb[k].nan_to_num())), k
+
+
+# Saved before the ring wraps (16 rows) and after; every mix on the reference, two on the kernels
+# (interpreted on CPU: slow).
+CASES = [("torch", prio, m, a, at) for prio in (None, 0.6) for m, a in (("first", "same_step"), ("last", "next_step"))
+         for at in (7, 30)]
+if "triton" in BACKENDS:
+    CASES += [("triton", None, "first", "same_step", 30), ("triton", 0.6, "last", "next_step", 7)]
+
+
+@pytest.mark.parametrize("backend,prio,marks,autoreset,saved_at", CASES)
+def test_resume_continues_bit_for_bit(tmp_path, backend, prio, marks, autoreset, saved_at):
+    kw = dict(capacity=16 * N, num_envs=N, done_marks=marks, autoreset=autoreset, seed=3, backend=backend,
+              priority_alpha=prio, final_obs_capacity=3 * N)
+    a = ReplayBuffer(**kw)
+    drive(a, 0, saved_at, seed=1)
+    a.save(tmp_path / "ckpt.safetensors")
+    want = drive(a, saved_at, saved_at + 12, seed=2)
+    b = ReplayBuffer.load(tmp_path / "ckpt.safetensors")
+    assert b.num_adds == saved_at and b._ops.name == a._ops.name
+    got = drive(b, saved_at, saved_at + 12, seed=2)
+    assert_same(want, got)
+    for p in a.storage:
+        assert torch.equal(a.storage[p], b.storage[p])
+
+
+def test_a_half_full_buffer_writes_only_its_rows(tmp_path):
+    sizes = {}
+    for adds in (4, 8):
+        buf = ReplayBuffer(1000 * N, N, seed=0)
+        g = torch.Generator().manual_seed(0)
+        for a in range(adds):
+            buf.add(step(a, g), torch.zeros(N, dtype=torch.bool))
+        path = tmp_path / f"{adds}.safetensors"
+        buf.save(path)
+        sizes[adds] = os.path.getsize(path)
+        b = ReplayBuffer.load(path)
+        assert torch.equal(b.storage["obs"], buf.storage["obs"]) and b.num_adds == adds
+    # 4 more rows of 6 lanes of obs (12 B), action (1), reward (4), info/row (8) and the index
+    # (start 8, end flags 1, return 4, final-obs counter 8), and the row statistics (3 x 8); the
+    # JSON header's length may move by a few bytes.
+    per_row = N * (12 + 1 + 4 + 8 + 8 + 1 + 4 + 8) + 3 * 8
+    assert abs(sizes[8] - sizes[4] - 4 * per_row) <= 16
+    assert sizes[8] < 0.2 * 1000 * N * (12 + 1 + 4 + 8)  # far less than the 1000 rows' leaves
+
+
+def saved(tmp_path, adds=5):
+    buf = ReplayBuffer(16 * N, N, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for a in range(adds):
+        buf.add(step(a, g), torch.zeros(N, dtype=torch.bool))
+    path = tmp_path / "c.safetensors"
+    buf.save(path)
+    return buf, path
+
+
+def test_flipped_bits_and_truncation_are_caught(tmp_path):
+    _, path = saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    flipped = tmp_path / "flipped.safetensors"
+    data[-20] ^= 0x10
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupted: the checksum"):
+        ReplayBuffer.load(flipped)
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="not a readable gpubuffers checkpoint"):
+        ReplayBuffer.load(cut)
+
+
+def test_newer_format_and_mismatched_settings_are_refused(tmp_path):
+    buf, path = saved(tmp_path)
+    sd = buf.state_dict()
+    newer = {"header": dict(sd["header"], format=99), "tensors": sd["tensors"]}
+    fresh = ReplayBuffer(16 * N, N, seed=0)
+    with pytest.raises(ValueError, match="format version 99.*newer gpubuffers"):
+        fresh.load_state_dict(newer)
+    other = ReplayBuffer(32 * N, N, seed=0)
+    with pytest.raises(ValueError, match=f"saved with capacity={16 * N}, this buffer has capacity={32 * N}"):
+        other.load_state_dict(sd)
+    assert other.specs is None and other.num_adds == 0
+    g = torch.Generator().manual_seed(0)
+    busy = ReplayBuffer(16 * N, N, seed=0)
+    s = step(0, g)
+    s["obs"] = torch.zeros(N, 4)
+    busy.add(s, torch.zeros(N, dtype=torch.bool))
+    with pytest.raises(ValueError, match="saved leaves differ"):
+        busy.load_state_dict(sd)
+    assert busy.num_adds == 1
+    with pytest.raises(ValueError, match="the buffer is empty"):
+        ReplayBuffer(16 * N, N).save(tmp_path / "empty.safetensors")
+
+
+def test_save_replaces_atomically_and_leaves_no_temporary(tmp_path, monkeypatch):
+    buf, path = saved(tmp_path)
+    before = path.read_bytes()
+    import safetensors.torch as st
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(st, "save_file", crash)
+    g = torch.Generator().manual_seed(5)
+    buf.add(step(9, g), torch.zeros(N, dtype=torch.bool))
+    with pytest.raises(OSError, match="disk full"):
+        buf.save(path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["c.safetensors"]
+    assert ReplayBuffer.load(path).num_adds == 5
+
+
+def test_header_is_json_and_nothing_is_unpickled(tmp_path):
+    from safetensors import safe_open
+
+    _, path = saved(tmp_path)
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["gpubuffers"])
+    assert header["format"] == 1 and header["settings"]["capacity"] == 16 * N
+    assert header["specs"]["obs"] == {"shape": [3], "dtype": "float32"}
+    assert header["counters"]["adds"] == 5
+
+
+CHILD = r"""
+import sys, torch
+from gpubuffers import ReplayBuffer
+path, n = sys.argv[1], 6
+buf = ReplayBuffer(64 * n, n, seed=0, backend="torch")
+for a in range(10_000):
+    buf.add({"obs": torch.full((n, 256), float(a)), "reward": torch.ones(n), "row": torch.full((n,), a)},
+            torch.zeros(n, dtype=torch.bool))
+    buf.save(path)
+    if a == 0:
+        print("ready", flush=True)
+"""
+
+
+def test_a_process_killed_during_save_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL a process that saves after every add, at random moments: what is at the path always
+    loads, passes its checksum and holds a consistent buffer (rows 0..adds-1 in order)."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "live.safetensors"
+    rng = random.Random(0)
+    outcomes = []
+    for trial in range(6):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(rng.uniform(0.05, 0.6))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        buf = ReplayBuffer.load(path)
+        adds = buf.num_adds
+        rows = buf.storage["row"][:, 0]
+        live = min(adds, buf.rows)
+        ring = [(adds - live + k) % buf.rows for k in range(live)]  # ring rows, oldest first
+        for k, r in enumerate(ring):
+            assert int(rows[r]) == adds - live + k
+        assert torch.equal(buf.storage["obs"][:live, 0, 0].long(), rows[:live])
+        outcomes.append(adds)
+        # At most the temporary folder of the killed save is left beside it; the next save clears it.
+        assert set(os.listdir(tmp_path)) <= {"live.safetensors", f".live.safetensors.{proc.pid}.tmp"}
+    assert len(set(outcomes)) > 1  # the kills landed at different points
+    buf.save(path)
+    assert os.listdir(tmp_path) == ["live.safetensors"]
