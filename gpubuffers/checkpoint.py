@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .layout import SENTINEL
 from .specs import LeafSpec, resolve_device
 
 FORMAT = 1
@@ -113,7 +114,12 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
 
 
 def _restore(buf, tensors: dict[str, torch.Tensor], live: int) -> None:
+    """Copy a state in; rows past the live ones return to their state before any add (a buffer
+    that held more rows than the checkpoint keeps none of them)."""
     ix, tree = buf._ix, buf._tree
+    for t in (*buf._storage.values(), ix.end_flags, ix.ret, ix.final_idx, buf._row_stats):
+        t[live:].zero_()
+    ix.start[live:].fill_(SENTINEL)
     for p, t in buf._storage.items():
         t[:live].copy_(tensors[f"storage/{p}"])
     for p, t in buf._final.items():

@@ -3,6 +3,7 @@ half-full buffers write only their rows, damaged and mismatched files are refuse
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -227,3 +228,44 @@ def test_a_process_killed_during_save_leaves_a_loadable_checkpoint(tmp_path):
     assert len(set(outcomes)) > 1  # the kills landed at different points
     buf.save(path)
     assert os.listdir(tmp_path) == ["live.safetensors"]
+
+
+def test_inspect_reports_a_checkpoint_without_a_buffer(tmp_path):
+    import io
+
+    from gpubuffers.__main__ import inspect, main
+
+    buf = ReplayBuffer(16 * N, N, done_marks="last", seed=0)
+    g = torch.Generator().manual_seed(0)
+    for a in range(40):  # wraps: 16 live rows
+        buf.add(step(a, g), torch.rand(N, generator=g) < 0.3)
+    path = tmp_path / "c.safetensors"
+    buf.save(path)
+    text = io.StringIO()
+    s = inspect(str(path), out=text)
+    stats = buf.episode_stats()
+    assert s["adds"] == 40 and s["live_rows"] == 16 and s["episodes"] == int(stats["count"])
+    assert abs(s["mean_length"] - float(stats["mean_length"])) < 1e-9
+    assert abs(s["mean_return"] - float(stats["mean_return"])) < 1e-6
+    assert s["leaves"]["obs"] == ([3], "float32", 16 * N * 3 * 4)
+    assert len(s["lengths"]) == int((buf.index.end_flags != 0).sum())
+    assert "| obs | (3,) | float32 | 1,152 |" in text.getvalue()
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert main(["inspect", str(path), "--plot", str(tmp_path / "c.png")]) == 0
+        assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_loading_into_a_used_buffer_forgets_its_rows(tmp_path):
+    a, path = saved(tmp_path, adds=5)
+    b = ReplayBuffer(16 * N, N, seed=0)
+    g = torch.Generator().manual_seed(9)
+    for k in range(30):  # wrapped: every row holds data
+        b.add(step(k, g), torch.rand(N, generator=g) < 0.3)
+    b.load_state_dict(ReplayBuffer.load(path).state_dict())
+    fresh = ReplayBuffer.load(path)
+    for p in fresh.storage:
+        assert torch.equal(b.storage[p], fresh.storage[p]), p
+    for name in ("start", "end_flags", "ret", "final_idx", "fin_head", "state"):
+        assert torch.equal(getattr(b.index, name), getattr(fresh.index, name)), name
+    assert b.num_adds == 5 and torch.equal(b.sample_episodes(4, max_rows=16)["valid"],
+                                           fresh.sample_episodes(4, max_rows=16)["valid"])
