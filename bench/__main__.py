@@ -19,6 +19,7 @@ import gpubuffers
 from .core import (baseline_ratio, copy_bandwidth, nstep_overhead, ratio_table, run_core, run_w4, sweeps,
                    w1_overhead, w4_lines)
 from .demo import print_demo, run_demo
+from .memory import run_memory
 from .rollout import run_rollout
 
 
@@ -119,8 +120,12 @@ def main() -> None:
                    repeats=10 if args.quick else 30, with_torchrl=with_torchrl)
     # W5-W6: the on-policy path (RolloutBuffer) against plain tensors.
     rows += run_rollout(device, repeats=10 if args.quick else 30)
+    # W7: narrow storage against the FastTD3-style layout.
+    mem_rows, layout, mem_lines = run_memory(device, capacity=1 << (18 if args.quick else 20),
+                                             repeats=10 if args.quick else 30)
+    rows += mem_rows
     print("## Core workloads (N=4096, obs float32[64], action float32[12], capacity 2^20; W5-W6: a "
-          "rollout of T=24 rows)\n")
+          "rollout of T=24 rows; W7: the Isaac-style step of bench/memory.py)\n")
     print(ratio_table(rows, prov["device"]))
     print("\nW1, recommended add over bare add (medians of the same interleaved loop; the recommended "
           "add runs on a done_marks=\"last\" buffer, the bare add on done_marks=\"first\"):")
@@ -130,6 +135,7 @@ def main() -> None:
         print(line)
     print("W4, prioritized update + sample:")
     print("\n".join(w4_lines(rows)))
+    print("\n".join(mem_lines))
     print(f"\nDevice copy bandwidth (the physical limit): {copy_bandwidth(device):.1f} GB/s\n")
 
     if args.out is None:
@@ -147,6 +153,13 @@ def main() -> None:
                         f"{1e3 * r.timing.max_s:.4f}", f"{r.per_s:.0f}", f"{r.gbps:.3f}", r.baseline,
                         f"{baseline_ratio(r, rows):.3f}", *prov.values()])
     print(f"wrote {path}")
+    mpath = os.path.join(args.out, f"memory_{tag}.csv")
+    with open(mpath, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*layout[0], *prov])
+        for r in layout:
+            w.writerow([f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] + list(prov.values()))
+    print(f"wrote {mpath}")
     if args.sweep:
         if device.type == "cuda":
             caps = [1 << k for k in range(20, 28)]

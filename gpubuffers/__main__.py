@@ -29,7 +29,8 @@ def summary(sd: dict) -> dict:
     ends = flags != 0
     lengths = (absolute[:, None] + 1 - start)[ends]
     totals = tensors["stats/totals"]
-    leaves = {p: (s["shape"], s["dtype"], tensors[f"storage/{p}"].numel() * tensors[f"storage/{p}"].element_size())
+    leaves = {p: (s["shape"], s["dtype"] + (f" (stored as {s['stored']})" if "stored" in s else ""),
+                  tensors[f"storage/{p}"].numel() * tensors[f"storage/{p}"].element_size())
               for p, s in header["specs"].items()}
     return {"settings": settings, "adds": adds, "rows": rows, "live_rows": live, "lanes": lanes,
             "leaves": leaves, "episodes": int(totals[0]),

@@ -7,22 +7,15 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
-from . import checkpoint, layout, ops
+from . import checkpoint, layout, memory, ops
 from .layout import STATE_ADDS, TRUNCATED
 from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids
 from .specs import LeafSpec, as_tensor, carrier, check_leaf, flatten, resolve_device, unflatten
-from .steps import (Lanes, check_step, conventions, leaves_under, positive_int, real, scalar_leaf,
-                    seed_or_fresh)
+from .steps import (Lanes, check_step, check_storage_dtypes, conventions, leaves_under, narrowed,
+                    new_specs, positive_int, real, scalar_leaf, seed_or_fresh)
 
 #: Largest batch a sampler draws: the kernels number items with 32-bit program offsets.
 MAX_BATCH = 2**31 - 1
-
-#: Bytes of episode index per slot: start (int64), end flags (uint8), return (float32),
-#: final-obs counter (int64).
-_INDEX_BYTES_PER_SLOT = 8 + 1 + 4 + 8
-
-#: Bytes of priority tree per slot: the float32 leaf (the levels above add 12 bytes per 31 slots).
-_PRIORITY_BYTES_PER_SLOT = 4
 
 #: Default exponent of the importance weights of prioritized samples (Schaul et al. 2016).
 DEFAULT_BETA = 0.4
@@ -84,6 +77,18 @@ class ReplayBuffer(Lanes):
             at the largest priority applied so far (1 before any update).
         priority_eps: added to every priority (a float > 0), so that no transition becomes
             unreachable.
+        storage_dtypes: leaves stored in a narrower dtype, ``{leaf or subtree name: dtype}``
+            (``{"obs": torch.bfloat16}``): the ring (and side table) hold that dtype, ``add``
+            converts each row as it writes it, and samples return the dtype the leaf was added
+            in, widened inside the gather. Allowed: float64 -> float32, bfloat16 or float16;
+            float32 -> bfloat16 or float16; int64/int32/int16 -> a narrower signed int or uint8
+            (:data:`gpubuffers.steps.NARROWINGS`). Floats round to nearest; integers outside the
+            stored range wrap, so name an integer leaf only when its values fit. Nothing is
+            narrowed that is not named; the ``reward_key`` leaf is never narrowed.
+        check_finite: ``add`` raises a ValueError naming the leaf and the lanes when a floating
+            leaf (or final observation) holds NaN or Inf, also one that overflows to Inf in its
+            storage dtype, before writing anything. This reads values (a host sync on CUDA): a
+            debugging aid, off by default, when NaN and Inf are stored as given.
     """
 
     def __init__(self, capacity: int, num_envs: int | None = None, *,
@@ -92,9 +97,13 @@ class ReplayBuffer(Lanes):
                  seed: int | None = None, reward_key: str | None = "reward",
                  final_obs_capacity: int | None = None, max_proposals: int = 32,
                  backend: str | None = None, priority_alpha: float | None = None,
-                 priority_eps: float = 1e-6) -> None:
+                 priority_eps: float = 1e-6, storage_dtypes: Mapping[str, torch.dtype] | None = None,
+                 check_finite: bool = False) -> None:
         capacity = positive_int(capacity, "capacity")
         lanes = 1 if num_envs is None else positive_int(num_envs, "num_envs")
+        if capacity // lanes > layout.MAX_ROWS:
+            raise ValueError(f"capacity: expected at most {layout.MAX_ROWS} rows per lane, got "
+                             f"{capacity // lanes} ({capacity} // num_envs={lanes})")
         if capacity // lanes < 2:
             raise ValueError(f"capacity: expected at least 2 rows per lane (>= {2 * lanes} for "
                              f"num_envs={lanes}), got {capacity}")
@@ -113,6 +122,11 @@ class ReplayBuffer(Lanes):
         if priority_alpha is not None:
             priority_alpha = real(priority_alpha, "priority_alpha", 0.0, 1.0, open_low=True)
         priority_eps = real(priority_eps, "priority_eps", 0.0, math.inf, open_low=True)
+        self.storage_dtypes = check_storage_dtypes(storage_dtypes)
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite: expected a bool, got {check_finite!r}")
+        self.check_finite = check_finite
+        self._narrow: dict[str, torch.dtype] = {}
         self.priority_alpha = priority_alpha
         self.priority_eps = priority_eps
         self._tree: PriorityTree | None = None
@@ -161,7 +175,8 @@ class ReplayBuffer(Lanes):
 
     @property
     def storage(self) -> dict[str, torch.Tensor]:
-        """The ring tensors ``[T, N, *leaf_shape]`` by leaf path (read them, do not write)."""
+        """The ring tensors ``[T, N, *leaf_shape]`` by leaf path, in their storage dtype (read
+        them, do not write)."""
         return dict(self._storage)
 
     @property
@@ -224,6 +239,46 @@ class ReplayBuffer(Lanes):
         if self._reward_tracked:
             out["mean_return"] = torch.where(some, sums[2] / count, nan)
         return out
+
+    # ------------------------------------------------------------------ memory
+    def nbytes(self, step: Any = None) -> dict[str, Any]:
+        """Bytes the buffer holds: ``{"leaves": {path: bytes of its ring (and side table)},
+        "index": the episode index, "priority": the priority tree (0 when uniform), "stats": the
+        per-row episode sums, "scratch": the largest sampling temporaries that grow with
+        capacity (``sample_episodes``' tables), "total": all of them}``. With ``step`` (an
+        example step as :meth:`add` takes it) the figures for that layout, before anything is
+        allocated; without, the buffer's own (after the first add)."""
+        if step is None:
+            if self._specs is None:
+                raise ValueError("nbytes: the buffer is empty; add a step first, or pass an example step")
+            return self._footprint(self._specs)
+        flat = {p: as_tensor(v, f"step['{p}']", None) for p, v in flatten(step, "step").items()}
+        specs = new_specs(flat, () if self._single else (self._lanes,))
+        if self._specs is not None and specs != self._specs:
+            raise ValueError(f"step: its leaves {specs} differ from this buffer's {self._specs}")
+        return self._footprint(specs)
+
+    def _footprint(self, specs: dict[str, LeafSpec]) -> dict[str, Any]:
+        """:meth:`nbytes` of a layout, counted from the same constructors the allocation runs,
+        on the meta device (no memory)."""
+        rows, lanes = self._rows, self._lanes
+        reward = self._reward_leaf(specs)
+        narrow = narrowed(self.storage_dtypes, specs, [reward or ""])
+        next_leaves = {p for k in self.next_keys for p in leaves_under(k, specs)}
+        extended = layout.next_source_rows(rows, self._final_rows, not self._next_step)
+        leaves = {p: (extended if p in next_leaves else rows) * lanes * math.prod(sp.shape)
+                  * narrow.get(p, sp.dtype).itemsize for p, sp in specs.items()}
+        meta = torch.device("meta")
+        ix = EpisodeIndex.empty(rows, lanes, meta)
+        index = memory.nbytes([ix.start, ix.end_flags, ix.ret, ix.final_idx, ix.fin_head, ix.state])
+        priority = 0
+        if self.priority_alpha is not None:
+            tree = PriorityTree.empty(rows * lanes, lanes, self.priority_alpha, self.priority_eps, meta)
+            priority = memory.nbytes([tree.leaf, tree.sums, tree.mins, tree.maxp])
+        stats = (rows + 1) * 3 * 8
+        scratch = rows * lanes * memory.SCRATCH_BYTES_PER_SLOT
+        return {"leaves": leaves, "index": index, "priority": priority, "stats": stats, "scratch": scratch,
+                "total": sum(leaves.values()) + index + priority + stats + scratch}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -308,8 +363,34 @@ class ReplayBuffer(Lanes):
                 reward = reward.to(torch.float32)
         if finals is not None:
             finals = {k: v.detach().reshape(self._lanes, *specs[k].shape) for k, v in finals.items()}
+        narrow = self._narrow if self._specs is not None else narrowed(self.storage_dtypes, specs,
+                                                                        [reward_leaf or ""])
+        flat = st.flat
+        if narrow:
+            flat = {p: v.to(narrow[p]) if p in narrow else v for p, v in flat.items()}
+            if finals is not None:
+                finals = {k: v.to(narrow[k]) if k in narrow else v for k, v in finals.items()}
+        if self.check_finite:
+            self._check_finite(st.flat, flat, "step")
+            if finals is not None:
+                self._check_finite(finals, finals, "final_obs")
         new_layout = self._allocate(specs, device) if self._specs is None else None
-        return _Step(st.flat, st.done, st.terminated, st.truncated, reward, finals, new_layout)
+        return _Step(flat, st.done, st.terminated, st.truncated, reward, finals, new_layout)
+
+    def _check_finite(self, given: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], what: str) -> None:
+        """``check_finite``: raise for the first floating leaf with NaN or Inf (as given, or once
+        converted to its storage dtype), naming the lanes (reads values: a host sync)."""
+        for p, v in stored.items():
+            if not v.dtype.is_floating_point:
+                continue
+            bad = ~torch.isfinite(v.reshape(v.shape[0], -1)).all(1)
+            if bool(bad.any()):
+                lanes = bad.nonzero().flatten().tolist()
+                shown = lanes[:8] + (["..."] if len(lanes) > 8 else [])
+                given_bad = not bool(torch.isfinite(given[p]).all())
+                how = "holds NaN or Inf" if given_bad else f"overflows to Inf when stored as {v.dtype}"
+                raise ValueError(f"{what}['{p}']: {how} at lanes {shown} ({len(lanes)} of "
+                                 f"{v.shape[0]}); check_finite=True refuses it (nothing was written)")
 
     def _commit(self, st: _Step) -> None:
         """Write a prepared add: storage row, episode index, side table, statistics, priorities,
@@ -381,12 +462,24 @@ class ReplayBuffer(Lanes):
         same_step = not self._next_step
         sizes = {p: layout.next_source_rows(rows, self._final_rows, same_step) if p in next_leaves
                  else rows for p in specs}
-        leaf_bytes = {p: sizes[p] * lanes * math.prod(s.shape) * s.dtype.itemsize
-                      for p, s in specs.items()}
-        per_slot = _INDEX_BYTES_PER_SLOT + (_PRIORITY_BYTES_PER_SLOT if self.priority_alpha else 0)
-        total_bytes = sum(leaf_bytes.values()) + rows * lanes * per_slot
+        narrow = narrowed(self.storage_dtypes, specs, [self._reward_leaf(specs) or ""])
+        stored = {p: narrow.get(p, s.dtype) for p, s in specs.items()}
+        need = self._footprint(specs)
+        leaf_bytes = need["leaves"]
+        total_bytes = need["total"] - need["scratch"]
+        biggest = sorted(leaf_bytes.items(), key=lambda kv: -kv[1])[:4]
+        listed = ", ".join(f"{p!r}: {n:,} B" for p, n in biggest)
+        others = (f"episode index {need['index']:,} B"
+                  + (f", priorities {need['priority']:,} B" if need["priority"] else ""))
+        lower = (f"lower capacity{', final_obs_capacity' if same_step and next_leaves else ''}, store "
+                 f"smaller leaves (storage_dtypes=), or size it with gpubuffers.capacity_for")
+        free = memory.free_bytes(device)
+        if free is not None and total_bytes > free:
+            raise ValueError(f"capacity: {total_bytes:,} bytes asked for on {device} for capacity="
+                             f"{self.capacity} ({rows} rows x {lanes} lanes), and {free:,} bytes are free; "
+                             f"largest leaves {listed}; {others}; {lower}")
         try:
-            whole = {p: torch.zeros((sizes[p] * lanes, *s.shape), dtype=s.dtype, device=device)
+            whole = {p: torch.zeros((sizes[p] * lanes, *s.shape), dtype=stored[p], device=device)
                      for p, s in specs.items()}
             ix = EpisodeIndex.empty(rows, lanes, device)
             row_stats = torch.zeros(rows, 3, dtype=torch.float64, device=device)
@@ -394,15 +487,10 @@ class ReplayBuffer(Lanes):
             if self.priority_alpha is not None:
                 tree = PriorityTree.empty(rows * lanes, lanes, self.priority_alpha, self.priority_eps, device)
         except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
-            biggest = sorted(leaf_bytes.items(), key=lambda kv: -kv[1])[:4]
-            listed = ", ".join(f"{p!r}: {n:,} B" for p, n in biggest)
             raise ValueError(
                 f"capacity: cannot allocate {total_bytes:,} bytes on {device} for capacity="
-                f"{self.capacity} ({rows} rows x {lanes} lanes; largest leaves {listed}; "
-                f"episode index{' and priorities' if self.priority_alpha else ''} "
-                f"{rows * lanes * per_slot:,} B); lower capacity"
-                f"{', final_obs_capacity' if same_step and next_leaves else ''} or store smaller "
-                f"leaves") from err
+                f"{self.capacity} ({rows} rows x {lanes} lanes; largest leaves {listed}; {others}); "
+                f"{lower}") from err
         gen = torch.Generator(device=device)
         gen.manual_seed(self._seed)
         storage = {p: t[:rows * lanes].view(rows, lanes, *specs[p].shape) for p, t in whole.items()}
@@ -416,6 +504,7 @@ class ReplayBuffer(Lanes):
             "_final": ({p: whole[p][rows * lanes:].view(self._final_rows + 1, lanes, *specs[p].shape)
                         for p in next_leaves} if same_step else {}),
             "_reward_tracked": self._reward_leaf(specs) is not None,
+            "_narrow": narrow,
             "_row_stats": row_stats,
             "_stat_totals": torch.zeros(3, dtype=torch.float64, device=device),
         }
@@ -426,7 +515,8 @@ class ReplayBuffer(Lanes):
 
     def _gather(self, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every leaf at ``slots`` (any shape): ``[*slots.shape, *leaf_shape]``."""
-        entries = [(t, 0) for t in self._flat.values()]
+        specs = self._specs
+        entries = [(t, 0, specs[p].dtype) for p, t in self._flat.items()]
         return dict(zip(self._flat, self._ops.gather(entries, (slots,))))
 
     def _beta(self, priority_beta: Any) -> float | None:
@@ -501,7 +591,9 @@ class ReplayBuffer(Lanes):
                                   n_step, float(gamma), final_rows, self._next_step)
             links = seg
         # One gather for the leaves and the next leaves (successor row, or side table at an end).
-        entries = [(t, 0) for t in self._flat.values()] + [(self._next_src[k], 1) for k in self._next_leaves]
+        specs = self._specs
+        entries = ([(t, 0, specs[p].dtype) for p, t in self._flat.items()]
+                   + [(self._next_src[p], 1, specs[p].dtype) for p in self._next_leaves])
         values = self._ops.gather(entries, (slot, links["succ"]))
         out: dict[str, Any] = dict(zip(self._flat, values))
         nxt = dict(zip(self._next_leaves, values[len(self._flat):]))

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .layout import SENTINEL
+from .layout import FINAL_IDX_MASK, SENTINEL
 from .specs import LeafSpec, resolve_device
 
 FORMAT = 1
@@ -60,8 +60,12 @@ def state_dict(buf) -> dict[str, Any]:
                      "autoreset": buf.autoreset, "next_keys": list(buf.next_keys), "seed": buf._seed,
                      "reward_key": buf.reward_key, "final_obs_capacity": buf._final_rows * buf._lanes,
                      "max_proposals": buf.max_proposals, "backend": buf._backend,
-                     "priority_alpha": buf.priority_alpha, "priority_eps": buf.priority_eps},
-        "specs": {p: {"shape": list(s.shape), "dtype": _dtype_name(s.dtype)} for p, s in buf._specs.items()},
+                     "priority_alpha": buf.priority_alpha, "priority_eps": buf.priority_eps,
+                     "storage_dtypes": {k: _dtype_name(d) for k, d in buf.storage_dtypes.items()},
+                     "check_finite": buf.check_finite},
+        "specs": {p: {"shape": list(s.shape), "dtype": _dtype_name(s.dtype),
+                      **({"stored": _dtype_name(buf._narrow[p])} if p in buf._narrow else {})}
+                  for p, s in buf._specs.items()},
         "counters": {"adds": buf._total, "episode_rows": buf._episode_rows, "rng_offset": buf._rng.offset,
                      "generator_device": buf._rng.generator.device.type},
         "device": buf._device.type,
@@ -79,10 +83,11 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
     mine = {"capacity": buf.capacity, "num_envs": buf.num_envs, "done_marks": buf.done_marks,
             "autoreset": buf.autoreset, "next_keys": list(buf.next_keys), "reward_key": buf.reward_key,
             "final_obs_capacity": buf._final_rows * buf._lanes, "priority_alpha": buf.priority_alpha,
-            "priority_eps": buf.priority_eps}
+            "priority_eps": buf.priority_eps,
+            "storage_dtypes": {k: _dtype_name(d) for k, d in buf.storage_dtypes.items()}}
     for k, v in mine.items():
-        if settings[k] != v:
-            raise ValueError(f"state_dict: saved with {k}={settings[k]!r}, this buffer has {k}={v!r}")
+        if settings.get(k, {} if k == "storage_dtypes" else None) != v:
+            raise ValueError(f"state_dict: saved with {k}={settings.get(k)!r}, this buffer has {k}={v!r}")
     specs = {p: LeafSpec(tuple(s["shape"]), _DTYPES[s["dtype"]]) for p, s in header["specs"].items()}
     if buf._specs is not None and buf._specs != specs:
         differ = sorted(p for p in set(specs) | set(buf._specs) if specs.get(p) != buf._specs.get(p))
@@ -124,8 +129,10 @@ def _restore(buf, tensors: dict[str, torch.Tensor], live: int) -> None:
         t[:live].copy_(tensors[f"storage/{p}"])
     for p, t in buf._final.items():
         t.copy_(tensors[f"final/{p}"])
-    for name in ("start", "end_flags", "ret", "final_idx"):
+    for name in ("start", "end_flags", "ret"):
         getattr(ix, name)[:live].copy_(tensors[f"index/{name}"])
+    # final_idx keeps the counters' low 31 bits (int32); earlier files hold them whole (int64).
+    ix.final_idx[:live].copy_(tensors["index/final_idx"] & FINAL_IDX_MASK)
     ix.fin_head.copy_(tensors["index/fin_head"])
     ix.state.copy_(tensors["index/state"])
     buf._row_stats[:live].copy_(tensors["stats/rows"])
@@ -240,6 +247,8 @@ def load(cls, path: str | os.PathLike, device: str | torch.device | None = None)
     sd = read(path)
     header = sd["header"]
     dev = resolve_device(header["device"] if device is None else device)
-    buf = cls(**header["settings"], device=dev)
+    settings = dict(header["settings"])
+    settings["storage_dtypes"] = {k: _DTYPES[d] for k, d in settings.get("storage_dtypes", {}).items()}
+    buf = cls(**settings, device=dev)
     load_state_dict(buf, sd)
     return buf

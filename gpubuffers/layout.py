@@ -40,6 +40,22 @@ def scratch_row(final_rows: int) -> int:
     return final_rows
 
 
+#: ``final_idx`` keeps the low 31 bits of a lane's final-obs counter (int32: 4 bytes per slot
+#: instead of 8); :func:`final_counter` recovers the whole counter from the lane's ``fin_head``.
+FINAL_IDX_MASK = (1 << 31) - 1
+
+#: Rows per lane at most: a live slot's counter is then fewer than 2**31 behind ``fin_head`` (a
+#: lane stores at most one final obs per add), which is what :func:`final_counter` needs.
+MAX_ROWS = FINAL_IDX_MASK
+
+
+def final_counter(fin_head, stored):
+    """The final-obs counter whose low 31 bits are ``stored`` (an end slot's ``final_idx``, widened
+    to int64), the lane having stored ``fin_head`` so far: the largest such counter not above
+    ``fin_head``, never negative. Works on ints and tensors alike (the kernels inline the same)."""
+    return fin_head - ((fin_head - stored) & FINAL_IDX_MASK)
+
+
 def final_slot(total: int, final_idx, lane, final_rows: int, lanes: int):
     """Extended-source slot of the final obs stored as the lane's ``final_idx``-th: side-table
     row ``final_idx % final_rows``, after the ``total = T * N`` ring slots. Works on ints and

@@ -137,7 +137,7 @@ class TritonOps:
         return out
 
     def gather(self, entries, slot_sets):
-        key = tuple((s.data_ptr(), tuple(s.shape), s.dtype, k) for s, k in entries)
+        key = tuple((e[0].data_ptr(), tuple(e[0].shape), e[0].dtype, *e[1:]) for e in entries)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = self._gather.make_plan(list(entries))

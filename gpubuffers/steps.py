@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 import random
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -70,6 +70,71 @@ def conventions(done_marks: Any, autoreset: Any) -> tuple[bool, bool]:
 def leaves_under(key: str, specs: Mapping[str, Any]) -> list[str]:
     """Leaf paths named by ``key``: the leaf itself or every leaf of the subtree ``key/...``."""
     return [p for p in specs if p == key or p.startswith(key + "/")]
+
+
+#: The narrowings ``storage_dtypes`` allows: returned (added) dtype -> the dtypes it may be stored
+#: in. Floats round to nearest even (float16 overflows to inf past 65504; bfloat16 keeps float32's
+#: range with 8 significant bits); integers keep every value in the stored type's range and wrap
+#: the others modulo 2**bits, as ``Tensor.to`` does. Bool and complex leaves are not narrowed.
+NARROWINGS: dict[torch.dtype, tuple[torch.dtype, ...]] = {
+    torch.float64: (torch.float32, torch.bfloat16, torch.float16),
+    torch.float32: (torch.bfloat16, torch.float16),
+    torch.int64: (torch.int32, torch.int16, torch.int8, torch.uint8),
+    torch.int32: (torch.int16, torch.int8, torch.uint8),
+    torch.int16: (torch.int8, torch.uint8),
+}
+
+
+def check_storage_dtypes(value: Any) -> dict[str, torch.dtype]:
+    """The constructor's ``storage_dtypes``: a mapping of leaf names to torch dtypes (``None``:
+    every leaf stored as added)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise TypeError(f"storage_dtypes: expected a dict of leaf names to torch dtypes, got "
+                        f"{type(value).__name__}")
+    stored = set(d for ds in NARROWINGS.values() for d in ds)
+    out = {}
+    for k, d in value.items():
+        if not isinstance(k, str) or not k:
+            raise TypeError(f"storage_dtypes: expected leaf names as keys, got {k!r}")
+        if not isinstance(d, torch.dtype):
+            raise TypeError(f"storage_dtypes['{k}']: expected a torch.dtype, got {d!r}")
+        if d not in stored:
+            raise ValueError(f"storage_dtypes['{k}']: a leaf can be stored in one of "
+                             f"{sorted(map(str, stored))}, got {d}")
+        out[k] = d
+    return out
+
+
+def narrowed(storage_dtypes: Mapping[str, torch.dtype], specs: Mapping[str, LeafSpec],
+             keep: Sequence[str] = ()) -> dict[str, torch.dtype]:
+    """The leaves stored narrower than they are added, ``{path: stored dtype}``, from the
+    constructor's ``storage_dtypes`` (a key names a leaf or a subtree) checked against the specs
+    of the first add; ``keep`` lists leaves that must stay as added (the reward leaf)."""
+    out: dict[str, torch.dtype] = {}
+    named: dict[str, str] = {}
+    for key, d in storage_dtypes.items():
+        paths = leaves_under(key, specs)
+        if not paths:
+            raise ValueError(f"storage_dtypes: {key!r} names no leaf of the step (leaves: {sorted(specs)})")
+        for p in paths:
+            if p in named:
+                raise ValueError(f"storage_dtypes: the leaf {p!r} is named twice (by {named[p]!r} and {key!r})")
+            named[p] = key
+            have = specs[p].dtype
+            if d == have:
+                continue
+            if d not in NARROWINGS.get(have, ()):
+                allowed = NARROWINGS.get(have)
+                raise ValueError(f"storage_dtypes['{key}']: the leaf {p!r} is added as {have}, which can "
+                                 f"be stored as " + (f"one of {[str(a) for a in allowed]}" if allowed
+                                                     else "itself only") + f"; got {d}")
+            if p in keep:
+                raise ValueError(f"storage_dtypes['{key}']: the leaf {p!r} is the reward_key leaf, summed "
+                                 f"into returns; it is kept as added ({have})")
+            out[p] = d
+    return out
 
 
 def scalar_leaf(specs: Mapping[str, LeafSpec], key: str, name: str, instead: str) -> str:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import STATE_ADDS
+from ..layout import FINAL_IDX_MASK, STATE_ADDS
 
 #: (words per lane up to which the tile is used, lanes per program, words per step): narrow rows
 #: spread a tile over many lanes, wide rows over the words of a few.
@@ -44,10 +44,10 @@ _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 @triton.jit(do_not_specialize=["rows", "lag", "lanes", "final_rows", "words"])
 def _store_finals_kernel(
     side_ptr, value_ptr,                        # [final_rows + 1, N, words], [N, words] (words)
-    final_idx_ptr, fin_head_ptr,                # index [T, N] int64, [N] int64 (in place)
+    final_idx_ptr, fin_head_ptr,                # index [T, N] int32, [N] int64 (in place)
     state_ptr, ended_ptr,                       # cursors [STATE_SIZE] int64; [N] int8
     rows, lag, lanes, final_rows, words,        # sizes; the end row is ``lag`` rows before the add's
-    ADDS: tl.constexpr, BOOKKEEP: tl.constexpr, BL: tl.constexpr, BW: tl.constexpr,
+    ADDS: tl.constexpr, MASK: tl.constexpr, BOOKKEEP: tl.constexpr, BL: tl.constexpr, BW: tl.constexpr,
 ):
     lane = tl.program_id(0).to(tl.int64) * BL + tl.arange(0, BL)
     in_range = lane < lanes
@@ -57,7 +57,7 @@ def _store_finals_kernel(
         # The row comes from the device cursor, so a captured graph writes a new row each replay.
         adds = tl.load(state_ptr + ADDS)
         end_row = (adds + rows - lag) % rows
-        tl.store(final_idx_ptr + end_row * lanes + lane, head, mask=in_range)
+        tl.store(final_idx_ptr + end_row * lanes + lane, (head & MASK).to(tl.int32), mask=in_range)
         tl.store(fin_head_ptr + lane, head + ended.to(tl.int64), mask=in_range)
         taken = head
     else:
@@ -94,15 +94,16 @@ def store_finals(final_idx: torch.Tensor, fin_head: torch.Tensor, state: torch.T
                  values: Sequence[torch.Tensor]) -> None:
     """Store the final observations of the ``ended`` lanes ([N] bool), whose episodes end at the
     row the add writes (``marks_last``) or the row before it, that row being read from the cursor
-    ``state[STATE_ADDS]`` on the device: ``final_idx[end_row] = fin_head`` ([T, N] and [N] int64,
-    in place; every lane's entry is written), ``fin_head += ended``, and for each pair of
+    ``state[STATE_ADDS]`` on the device: ``final_idx[end_row] = fin_head`` (its low 31 bits;
+    [T, N] int32 and [N] int64, in place; every lane's entry is written), ``fin_head += ended``, and for each pair of
     ``sides`` (contiguous [final_rows + 1, N, *shape], written in place) and ``values``
     ([N, *shape], same dtype, any strides) ``side[fin_head % final_rows, lane] = value[lane]``
     for ended lanes only."""
     rows, lanes = final_idx.shape
-    for name, t, shape in (("final_idx", final_idx, (rows, lanes)), ("fin_head", fin_head, (lanes,))):
-        if t.dtype != torch.int64 or tuple(t.shape) != shape or not t.is_contiguous():
-            raise ValueError(f"{name}: expected a contiguous int64 tensor of shape {shape}")
+    for name, t, shape, dtype in (("final_idx", final_idx, (rows, lanes), torch.int32),
+                                  ("fin_head", fin_head, (lanes,), torch.int64)):
+        if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous {dtype} tensor of shape {shape}")
     if state.dtype != torch.int64 or state.dim() != 1 or not state.is_contiguous():
         raise ValueError(f"state: expected a 1-d int64 tensor of cursors, got {state.dtype} {tuple(state.shape)}")
     if tuple(ended.shape) != (lanes,) or ended.dtype != torch.bool:
@@ -132,5 +133,5 @@ def store_finals(final_idx: torch.Tensor, fin_head: torch.Tensor, state: torch.T
         _store_finals_kernel[grid](
             side, value, final_idx, fin_head, state, ended,
             rows, 0 if marks_last else 1, lanes, final_rows, words,
-            ADDS=STATE_ADDS, BOOKKEEP=k == 0, BL=block_lanes, BW=block_words,
+            ADDS=STATE_ADDS, MASK=FINAL_IDX_MASK, BOOKKEEP=k == 0, BL=block_lanes, BW=block_words,
         )

@@ -22,6 +22,7 @@ from .. import layout
 BLOCK = 128
 _TRUNCATED = tl.constexpr(layout.TRUNCATED)
 _HAS_FINAL = tl.constexpr(layout.HAS_FINAL)
+_FINAL_IDX_MASK = tl.constexpr(layout.FINAL_IDX_MASK)
 _ADDS = tl.constexpr(layout.STATE_ADDS)
 _OFFSET = tl.constexpr(layout.STATE_OFFSET)
 
@@ -86,10 +87,13 @@ def links(end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, 
         next_valid = tl.full([BLOCK_], 1, tl.int1)
     elif HAS_FINAL:
         lane = slot % lanes
-        idx = tl.load(final_idx_ptr + slot, mask=mask, other=0)
         head = tl.load(fin_head_ptr + lane, mask=mask, other=0)
+        idx = tl.load(final_idx_ptr + slot, mask=mask, other=0).to(tl.int64)
+        idx = head - ((head - idx) & _FINAL_IDX_MASK)  # layout.final_counter
         kept = ((flags & _HAS_FINAL) != 0) & (head - idx <= final_rows)  # layout.final_kept
-        succ = tl.where(is_last, total + (idx % final_rows) * lanes + lane, succ)  # layout.final_slot
+        # layout.final_slot, with the remainder taken non-negative as torch takes it (a counter
+        # recovered from damaged state can be negative; it must not address outside the table).
+        succ = tl.where(is_last, total + ((idx % final_rows + final_rows) % final_rows) * lanes + lane, succ)
         next_valid = (is_last == 0) | kept
     else:
         next_valid = is_last == 0

@@ -57,14 +57,14 @@ KERNELS = [
      {"ADDS": episode_index.STATE_ADDS, "BLOCK_": episode_index.BLOCK}),
     ("transitions", sampling._transitions_kernel,
      {"slots_ptr": "*i64", "row_ptr": "*i64", "index_ptr": "*i64", "masks_ptr": "*i8", "start_ptr": "*i64",
-      "end_flags_ptr": "*u8", "final_idx_ptr": "*i64", "fin_head_ptr": "*i64", "state_ptr": "*i64"},
+      "end_flags_ptr": "*u8", "final_idx_ptr": "*i32", "fin_head_ptr": "*i64", "state_ptr": "*i64"},
      {"seed": "i64", "batch": "i32", "tries": "i32", "rows": "i32", "lanes": "i32", "total": "i64",
       "final_rows": "i32"},
      ["NEXT_STEP", "HAS_FINAL"], {"BLOCK_": sampling.BLOCK}),
     ("nstep", returns._nstep_kernel,
      {"n_ptr": "*i64", "ret_ptr": "*fp32", "disc_ptr": "*fp32", "succ_ptr": "*i64", "masks_ptr": "*i8",
       "slot_ptr": "*i64", "row_ptr": "*i64", "reward_ptr": "*fp32", "end_flags_ptr": "*u8",
-      "final_idx_ptr": "*i64", "fin_head_ptr": "*i64", "state_ptr": "*i64"},
+      "final_idx_ptr": "*i32", "fin_head_ptr": "*i64", "state_ptr": "*i64"},
      {"gamma": "fp64", "batch": "i32", "n_step": "i32", "lanes": "i32", "total": "i64", "final_rows": "i32"},
      ["NEXT_STEP", "HAS_FINAL"], {"ADDS": returns.STATE_ADDS, "BLOCK_": returns.BLOCK}),
     ("gae", returns._gae_kernel,
@@ -90,7 +90,14 @@ KERNELS = [
      {"dst_base": "i64", "src_tab": "*i64", "words_tab": "*i64", "word_tab": "*i64", "dst_tab": "*i64",
       "set_tab": "*i64", "slots_ptr": "*i64"},
      {"n_items": "i32"}, ["HAS_W8", "HAS_W4", "HAS_W2", "HAS_W1"],
-     {"BI": gather.BLOCK_ITEMS, "BW": gather.BLOCK_WORDS}),
+     {"BI": gather.BLOCK_ITEMS, "BW": gather.BLOCK_WORDS, "KINDS": 0}),
+    # Every widening conversion (storage_dtypes) compiled in, beside plain copies or not.
+    ("gather widening", gather._gather_kernel,
+     {"dst_base": "i64", "src_tab": "*i64", "words_tab": "*i64", "word_tab": "*i64", "dst_tab": "*i64",
+      "set_tab": "*i64", "slots_ptr": "*i64"},
+     {"n_items": "i32"}, ["HAS_W4"],
+     {"BI": gather.BLOCK_ITEMS, "BW": gather.BLOCK_WORDS, "HAS_W8": False, "HAS_W2": False, "HAS_W1": False,
+      "KINDS": sum(1 << k for k in range(1, len(gather.CONVERSIONS) + 1))}),
 ]
 
 # Prioritized replay: the update launches, the level refresh, and the two samplers.
@@ -115,7 +122,7 @@ KERNELS += [
      ["LEAVES", "WHOLE"], {"F": 32, "BLOCK_": priority.BLOCK}),
     ("priority transitions", priority._transitions_kernel,
      {"slots_ptr": "*i64", "row_ptr": "*i64", "index_ptr": "*i64", "weight_ptr": "*fp32", "masks_ptr": "*i8",
-      **_TREE, "end_flags_ptr": "*u8", "start_ptr": "*i64", "final_idx_ptr": "*i64", "fin_head_ptr": "*i64",
+      **_TREE, "end_flags_ptr": "*u8", "start_ptr": "*i64", "final_idx_ptr": "*i32", "fin_head_ptr": "*i64",
       "state_ptr": "*i64", "beta": "fp32"},
      {"seed": "i64", "batch": "i32", "rows": "i32", "lanes": "i32", "total": "i64", "final_rows": "i32",
       "root": "i64"},
@@ -132,10 +139,10 @@ KERNELS += [
 # store_finals: one kernel per word size (its typed side/value pointers) and tile shape.
 KERNELS += [
     (f"store_finals word={size} BL={bl} BW={bw}", finals._store_finals_kernel,
-     {"side_ptr": f"*i{8 * size}", "value_ptr": f"*i{8 * size}", "final_idx_ptr": "*i64",
+     {"side_ptr": f"*i{8 * size}", "value_ptr": f"*i{8 * size}", "final_idx_ptr": "*i32",
       "fin_head_ptr": "*i64", "state_ptr": "*i64", "ended_ptr": "*i8"},
      {"rows": "i32", "lag": "i32", "lanes": "i32", "final_rows": "i32", "words": "i32"},
-     ["BOOKKEEP"], {"ADDS": finals.STATE_ADDS, "BL": bl, "BW": bw})
+     ["BOOKKEEP"], {"ADDS": finals.STATE_ADDS, "MASK": finals.FINAL_IDX_MASK, "BL": bl, "BW": bw})
     for size in (8, 4, 2, 1) for _, bl, bw in finals.TILES
 ]
 

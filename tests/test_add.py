@@ -192,16 +192,33 @@ def test_reward_shapes_and_dtypes_are_tracked(shape, dtype):
 
 
 # ---------------------------------------------------------------- half-done adds
-def test_allocation_failure_on_first_add_keeps_nothing():
-    # 2**40 rows of a 64-float leaf: far beyond any machine; the allocator refuses at once.
-    buf = ReplayBuffer(2**40, reward_key=None, next_keys=("pix",))
+@pytest.mark.parametrize("free_known", [True, False])
+def test_allocation_failure_on_first_add_keeps_nothing(free_known, monkeypatch):
+    # 2**40 slots of a 64-float leaf: far beyond any machine. Where the free memory is known the
+    # add refuses before allocating; where it is not, the allocator refuses at once.
+    from gpubuffers import memory
+
+    if not free_known:
+        monkeypatch.setattr(memory, "free_bytes", lambda device: None)
+    buf = ReplayBuffer(2**40, 2**10, reward_key=None, next_keys=("pix",))
     with pytest.raises(ValueError) as info:
-        buf.add({"obs": torch.zeros(64), "pix": torch.zeros(3, dtype=torch.uint8)}, False)
+        buf.add({"obs": torch.zeros(2**10, 64), "pix": torch.zeros(2**10, 3, dtype=torch.uint8)},
+                torch.zeros(2**10, dtype=torch.bool))
     msg = str(info.value)
-    assert msg.startswith("capacity: cannot allocate ")
+    if free_known:
+        assert msg.startswith("capacity: 303,903,295,941,672 bytes asked for on cpu") and "bytes are free" in msg
+    else:
+        assert msg.startswith("capacity: cannot allocate 303,903,295,941,672 bytes on cpu")
     assert "'obs': 281,474,976,710,656 B" in msg and "lower capacity, final_obs_capacity" in msg
     assert buf.index is None and buf.specs is None and buf.device is None and buf.num_adds == 0
     assert buf.storage == {}
+
+
+def test_rows_per_lane_are_bounded():
+    # final_idx keeps 31 bits of a counter that a live slot trails by fewer than T: T < 2**31.
+    with pytest.raises(ValueError, match=r"capacity: expected at most 2147483647 rows per lane, got 2147483648"):
+        ReplayBuffer(2**31)
+    assert ReplayBuffer(2**31 - 1).rows == 2**31 - 1  # nothing allocated before the first add
 
 
 def test_rejected_add_after_reward_conversion_changes_nothing():

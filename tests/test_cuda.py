@@ -213,3 +213,28 @@ def test_checkpoint_resumes_on_cuda_and_moves_to_cpu(tmp_path):
     for name in ("start", "end_flags", "ret", "final_idx", "fin_head", "state"):
         assert torch.equal(getattr(c.index, name), getattr(d.index, name).cpu()), name
     assert torch.equal(c._tree.leaf, d._tree.leaf.cpu())
+
+
+@pytest.mark.parametrize("autoreset", ["same_step", "next_step"])
+def test_storage_dtypes_on_cuda_widen_in_the_gather_and_never_sync(autoreset):
+    # bf16 obs and an int64 leaf stored as int16: the fused gather widens on the GPU what the
+    # ring holds, and sampling stays sync-free.
+    buf = ReplayBuffer(64 * N, N, done_marks="last", autoreset=autoreset, seed=0,
+                       storage_dtypes={"obs": torch.bfloat16, "info/row": torch.int16})
+    fill(buf, 90)
+    assert buf.storage["obs"].dtype == torch.bfloat16 and buf._ops.name == "triton"
+    buf.sample(512), buf.sample_sequences(64, 8)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        s = buf.sample(512, n_step=3, gamma=0.99)
+        q = buf.sample_sequences(64, 8)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    obs, row = buf.storage["obs"].view(-1, 16), buf.storage["info/row"].view(-1)
+    slot = s["index"] % buf.capacity
+    assert s["obs"].dtype == torch.float32 and s["info"]["row"].dtype == torch.int64
+    assert torch.equal(s["obs"], obs[slot].float()) and torch.equal(s["info"]["row"], row[slot].long())
+    assert torch.equal(s["info"]["row"], s["index"] // N)
+    qslot = q["index"] % buf.capacity
+    assert torch.equal(q["obs"], obs[qslot].float())

@@ -7,6 +7,7 @@ TRITON_INTERPRET=1), which proves results, not speed; with CUDA they run compile
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -44,6 +45,10 @@ def build(lanes, rows, adds, marks_last, next_step, pattern="random", seed=0, wi
     return ix
 
 
+def carrier_of(t: torch.Tensor) -> torch.dtype:
+    return {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+
+
 def at_offset(ix, offset):
     """Set the Philox cursor of the index's device state (the kernels read it there)."""
     ix.state[ref.layout.STATE_OFFSET] = offset
@@ -51,10 +56,22 @@ def at_offset(ix, offset):
 
 
 def assert_same(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
-    if not torch.equal(got, want):
-        bad = (got != want).nonzero()
-        raise AssertionError(f"{what}: {bad.shape[0]} of {want.numel()} elements differ, first at "
-                             f"{bad[0].tolist()}: got {got[tuple(bad[0])]}, want {want[tuple(bad[0])]}")
+    """Equal element for element; floats bit for bit (so -0.0 != 0.0), NaN wherever the other
+    has NaN (a widened NaN's payload is not compared)."""
+    if got.dtype.is_floating_point and got.dtype == want.dtype:
+        nan = got.isnan()
+        if torch.equal(nan, want.isnan()) and torch.equal(
+                got.masked_fill(nan, 0).view(carrier_of(got)), want.masked_fill(nan, 0).view(carrier_of(want))):
+            return
+    elif torch.equal(got, want):
+        return
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise AssertionError(f"{what}: got {got.dtype}{list(got.shape)}, want {want.dtype}{list(want.shape)}")
+    bad = ((got != want) & ~(got.isnan() & want.isnan()) if got.is_floating_point() else got != want).nonzero()
+    if len(bad) == 0:  # equal values, different bits: a signed zero
+        bad = (got.view(carrier_of(got)) != want.view(carrier_of(want))).nonzero()
+    raise AssertionError(f"{what}: {bad.shape[0]} of {want.numel()} elements differ, first at "
+                         f"{bad[0].tolist()}: got {got[tuple(bad[0])]}, want {want[tuple(bad[0])]}")
 
 
 # N = 1 (single lane), 7, 1023 (just under a block), 4097 (one past four blocks).
@@ -349,6 +366,57 @@ def test_gather_misaligned_source_uses_smaller_word():
     slots = torch.randint(0, rows_total, (40,), generator=g).to(DEVICE)
     plan = check_gather([(shifted, 0), (shifted16, 0), (aligned, 1)], (slots, (slots + 1) % rows_total))
     assert plan.word_bytes == [4, 2, 8]
+
+
+def narrow_source(stored, rows_total, g, shape=(3,)):
+    """A source of dtype ``stored`` spanning its range (floats: normal values, with inf, -inf,
+    NaN, -0.0 and subnormals in the first rows)."""
+    if stored.is_floating_point:
+        x = (torch.randn(rows_total, *shape, generator=g) * 100).to(stored)
+        special = torch.tensor([math.inf, -math.inf, math.nan, -0.0, 1e-40, 6e-8], dtype=torch.float64)
+        x.view(-1)[:special.numel()] = special.to(stored)
+        return x
+    info = torch.iinfo(stored)
+    return torch.randint(info.min, info.max + 1, (rows_total, *shape), generator=g).to(stored)
+
+
+@pytest.mark.parametrize("pair", gather_kernel.CONVERSIONS, ids=lambda p: f"{p[0]}-{p[1]}")
+def test_gather_widens_every_conversion_as_the_reference(pair):
+    # Each allowed (stored, returned) pair widened inside the launch equals index_select +
+    # .to() bit for bit (NaN payloads aside: NaN stays NaN), beside plain entries.
+    stored, returned = pair
+    g = torch.Generator().manual_seed(CONVERSION_SEEDS[pair])
+    rows_total = 29
+    narrow = narrow_source(stored, rows_total, g).to(DEVICE)
+    odd = narrow_source(stored, rows_total, g, shape=(5, 1)).to(DEVICE)  # rows of 5 elements
+    plain = torch.randn(rows_total, 4, generator=g).to(DEVICE)
+    slots = torch.randint(0, rows_total, (37,), generator=g).to(DEVICE)
+    slots[:6] = torch.arange(6)  # the special values
+    entries = [(narrow, 0, returned), (plain, 0), (odd, 1, returned), (narrow, 1)]
+    plan = check_gather(entries, (slots, (slots + 3) % rows_total))
+    kind = gather_kernel.CONVERSIONS.index(pair) + 1
+    assert plan.word_bytes[0] == plan.word_bytes[2] == -kind and plan.kinds == 1 << kind
+    assert plan.word_bytes[1] > 0 and plan.word_bytes[3] > 0
+
+
+CONVERSION_SEEDS = {p: 300 + i for i, p in enumerate(gather_kernel.CONVERSIONS)}
+
+
+def test_gather_several_conversions_in_one_plan():
+    g = torch.Generator().manual_seed(77)
+    rows_total = 31
+    entries = [(narrow_source(a, rows_total, g, (2, 3)).to(DEVICE), i % 2, b)
+               for i, (a, b) in enumerate(gather_kernel.CONVERSIONS)]
+    entries.append((torch.randint(0, 2, (rows_total,), generator=g).bool().to(DEVICE), 0))
+    slots = torch.randint(0, rows_total, (70,), generator=g).to(DEVICE)
+    plan = check_gather(entries, (slots, (slots * 5 + 1) % rows_total))
+    assert plan.kinds == sum(1 << k for k in range(1, len(gather_kernel.CONVERSIONS) + 1))
+
+
+def test_gather_plan_refuses_a_narrowing_read():
+    src = torch.zeros(4, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="no conversion from torch.float32 to torch.float16"):
+        gather_kernel.make_plan([(src, 0, torch.float16)])
 
 
 def test_gather_plan_rejects_non_contiguous_sources():

@@ -296,6 +296,31 @@ def test_never_draws_the_newest_row_unwritten_slots_or_reset_rows(backend, autor
             assert (s["valid"] == (buf._tree.leaf[slot] > 0)).all()
 
 
+@pytest.mark.parametrize("autoreset", ["same_step", "next_step"])
+def test_nothing_drawable_yet_gives_invalid_items_on_both_backends(autoreset):
+    # One add (the newest row is never drawable), or under next_step a newest episode row after a
+    # reset row: the tree holds no mass; every sampler returns valid=False and weight 0, and the
+    # reference lands on the same slot as the kernel.
+    outs = {}
+    for backend in BACKENDS:
+        buf = ReplayBuffer(2, 1, seed=0, backend=backend, priority_alpha=0.7, autoreset=autoreset,
+                           done_marks="last", device=DEVICE if backend == "triton" else "cpu")
+        buf.add({"obs": torch.zeros(1, 2), "reward": torch.ones(1)}, torch.tensor([autoreset == "next_step"]))
+        got = [buf.sample_sequences(3, 1)]
+        if autoreset == "next_step":  # row 0 ends an episode, row 1 is its reset row, row 2 a new one
+            buf.add({"obs": torch.ones(1, 2), "reward": torch.ones(1)}, torch.tensor([False]))
+            buf.add({"obs": torch.ones(1, 2), "reward": torch.ones(1)}, torch.tensor([False]))
+            got.append(buf.sample(4))
+        assert float(buf._tree.total) == 0.0
+        for s in got:
+            assert not s["valid"].any() and (s["weight"] == 0).all()
+        outs[backend] = [{k: v.cpu() for k, v in s.items() if isinstance(v, torch.Tensor)} for s in got]
+    if len(outs) == 2:
+        for a, b in zip(outs["torch"], outs["triton"]):
+            for k in a:
+                assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stale_updates_are_ignored_after_the_ring_wraps(backend):
     lanes, rows = 3, 6

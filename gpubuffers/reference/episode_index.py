@@ -27,8 +27,9 @@ class EpisodeIndex:
         ``ENDED | TRUNCATED (if truncated) | HAS_FINAL (if its final obs was stored)``, else 0.
         The episode's length is the slot's row minus its ``start``, plus one.
     ret: [T, N] float32, return of the slot's episode from its first row through this row.
-    final_idx: [T, N] int64, at an end slot whose final obs was stored: the lane's final-obs
-        counter when it was stored (its side-table row is ``final_idx % K``).
+    final_idx: [T, N] int32, at an end slot whose final obs was stored: the low 31 bits of the
+        lane's final-obs counter when it was stored (``layout.final_counter`` recovers the
+        counter c from ``fin_head``; its side-table row is ``c % K``).
     fin_head: [N] int64, final observations stored per lane since construction.
     state: [STATE_SIZE] int64, the cursors (:mod:`gpubuffers.layout`): rows added, Philox offset.
         Every op reads the ring rows it needs from here, never from host integers, so a CUDA
@@ -51,7 +52,7 @@ class EpisodeIndex:
             start=torch.full((rows, lanes), SENTINEL, **i64),
             end_flags=torch.zeros((rows, lanes), dtype=torch.uint8, device=device),
             ret=torch.zeros((rows, lanes), dtype=torch.float32, device=device),
-            final_idx=torch.zeros((rows, lanes), **i64),
+            final_idx=torch.zeros((rows, lanes), dtype=torch.int32, device=device),
             fin_head=torch.zeros(lanes, **i64),
             state=torch.zeros(STATE_SIZE, **i64),
             zeros=(torch.zeros((), dtype=torch.uint8, device=device),

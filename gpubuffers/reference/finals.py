@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from ..layout import scratch_row
+from ..layout import FINAL_IDX_MASK, scratch_row
 from ..specs import carrier
 from .episode_index import EpisodeIndex, rows_of
 
@@ -30,7 +30,7 @@ def store_finals(ix: EpisodeIndex, ended: torch.Tensor, marks_last: bool, final_
     cursor ``ix.state[STATE_ADDS]`` (graph-safe).
 
     For each ended lane, ``ix.final_idx[end_row]`` records the lane's final-obs counter
-    ``ix.fin_head`` (every lane's entry is written; only ended lanes' are read), the counter
+    ``ix.fin_head`` (its low 31 bits) (every lane's entry is written; only ended lanes' are read), the counter
     advances, and ``side[fin_head % final_rows, lane] = value[lane]`` for each pair of ``sides``
     ([final_rows + 1, N, *shape], written in place) and ``values`` ([N, *shape], same dtype, any
     strides). Lanes that did not end write their values to the scratch row.
@@ -40,7 +40,7 @@ def store_finals(ix: EpisodeIndex, ended: torch.Tensor, marks_last: bool, final_
     row, prev, _ = rows_of(ix)
     end_row = row if marks_last else prev  # [1] int64
     pos = torch.where(ended, ix.fin_head % final_rows, scratch_row(final_rows))
-    ix.final_idx.index_copy_(0, end_row, ix.fin_head[None])
+    ix.final_idx.index_copy_(0, end_row, (ix.fin_head & FINAL_IDX_MASK).to(torch.int32)[None])
     ix.fin_head.add_(ended)
     if not sides:
         return

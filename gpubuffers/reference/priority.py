@@ -269,6 +269,9 @@ def descend(tree: PriorityTree, x: torch.Tensor, flat: int | None = None) -> tor
         level = tree.level(flat)[0][:tree.sizes[flat]]
         cum = level.cumsum(0)
         node = torch.searchsorted(cum, _below(x, cum[-1]), right=True)
+        # An empty tree (total 0: nothing drawable yet) descends to the first child, as the
+        # kernel does: the draw lands on a leaf of 0 and is returned invalid.
+        node = torch.minimum(node, (cum < cum[-1]).sum())
         x = x - (cum.index_select(0, node) - level.index_select(0, node))
     else:
         node = torch.zeros_like(x, dtype=torch.int64)
@@ -277,6 +280,7 @@ def descend(tree: PriorityTree, x: torch.Tensor, flat: int | None = None) -> tor
         c = below.view(-1, f).index_select(0, node)
         cum = c.cumsum(1, dtype=torch.float64)
         first = torch.searchsorted(cum, _below(x, cum[:, -1])[:, None], right=True)
+        first = torch.minimum(first, (cum < cum[:, -1:]).sum(1, keepdim=True))
         x = x - (cum.gather(1, first).squeeze(1) - c.gather(1, first).squeeze(1))
         node = node * f + first.squeeze(1)
     return node.view(shape)

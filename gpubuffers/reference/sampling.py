@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED, absolute_row, final_kept, final_slot
+from ..layout import (HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED, absolute_row, final_counter, final_kept,
+                      final_slot)
 from ..layout import live_span as _live_span
 from .episode_index import EpisodeIndex
 
@@ -85,7 +86,7 @@ def transition_links(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, fi
         out["next_valid"] = ~is_last
     else:
         lane = slot % lanes
-        idx = take(ix.final_idx, slot)
+        idx = final_counter(ix.fin_head[lane], take(ix.final_idx, slot).long())
         kept = ((flags & HAS_FINAL) != 0) & final_kept(ix.fin_head[lane], idx, final_rows)
         succ = torch.where(is_last, final_slot(total, idx, lane, final_rows, lanes), succ)
         out["next_valid"] = ~is_last | kept

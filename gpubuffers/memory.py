@@ -1,0 +1,97 @@
+"""Memory figures: free memory of a device, and the largest capacity that fits a budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .specs import resolve_device
+from .steps import real
+
+#: Bytes per slot of the temporaries that grow with capacity: ``sample_episodes`` keeps a table
+#: of the slots that end a whole episode (bool) and their running count (int64), and its default
+#: row budget makes two int64 tables while it looks for the longest episode.
+SCRATCH_BYTES_PER_SLOT = 1 + 8 + 2 * 8
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now: the CUDA driver's figure, the kernel's ``MemAvailable`` for
+    the CPU; None where it cannot be known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def nbytes(tensors) -> int:
+    """Bytes of the given tensors (meta tensors too)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def capacity_for(step_example: Any, num_envs: int | None, budget_bytes: int | None = None,
+                 device: str | torch.device | None = None, fraction: float = 0.8, **buffer_options) -> int:
+    """The largest capacity (a multiple of ``num_envs``) of a ``ReplayBuffer(capacity, num_envs,
+    **buffer_options)`` whose storage, side tables, episode index, priorities, statistics and
+    sampling scratch (:meth:`ReplayBuffer.nbytes` ``["total"]``) fit in ``budget_bytes``.
+
+    step_example: one step as :meth:`ReplayBuffer.add` takes it (its shapes and dtypes count,
+        not its values; meta tensors work).
+    budget_bytes: default ``fraction`` of the memory free on ``device`` now (default: the device
+        of the example's tensors, or ``buffer_options["device"]``).
+    Raises a ValueError when not even 2 rows per lane fit.
+    """
+    from .buffer import ReplayBuffer
+
+    for k in ("capacity", "num_envs"):
+        if k in buffer_options:
+            raise TypeError(f"capacity_for: unexpected buffer option {k!r} (it is what is computed, or "
+                            f"an argument of its own)")
+    fraction = real(fraction, "fraction", 0.0, 1.0, open_low=True)
+    lanes = 1 if num_envs is None else num_envs
+
+    def total(rows: int) -> int:
+        return ReplayBuffer(rows * lanes, num_envs, **buffer_options).nbytes(step_example)["total"]
+
+    if budget_bytes is None:
+        dev = device if device is not None else buffer_options.get("device")
+        if dev is None:
+            from .specs import flatten
+
+            dev = next((v.device for v in flatten(step_example, "step_example").values()
+                        if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        dev = resolve_device(dev, "device")
+        free = free_bytes(dev)
+        if free is None:
+            raise ValueError(f"budget_bytes: the free memory of {dev} cannot be known; pass budget_bytes")
+        budget_bytes = int(free * fraction)
+    elif isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes <= 0:
+        raise ValueError(f"budget_bytes: expected a positive int or None, got {budget_bytes!r}")
+    lo = 2
+    low = total(lo)
+    if low > budget_bytes:
+        raise ValueError(f"budget_bytes: {budget_bytes:,} bytes holds not even 2 rows of {lanes} lanes "
+                         f"({low:,} bytes)")
+    # The footprint is affine in the rows but for rounding (side-table rows per lane, tree
+    # padding): bracket from the slope, then bisect.
+    per_row = max(1, total(lo + 64) - low) / 64
+    hi = max(lo + 1, int((budget_bytes - low) / per_row * 1.1) + lo + 2)
+    while total(hi) <= budget_bytes:
+        hi *= 2
+    while hi - lo > 1:  # total(lo) fits, total(hi) does not
+        mid = (lo + hi) // 2
+        if total(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo * lanes
+
+
+__all__ = ["capacity_for", "free_bytes", "SCRATCH_BYTES_PER_SLOT"]
