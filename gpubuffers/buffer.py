@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
 from . import checkpoint, layout, memory, ops
 from .layout import STATE_ADDS, TRUNCATED
-from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids
+from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids, transition_links
 from .specs import LeafSpec, as_tensor, carrier, check_leaf, flatten, resolve_device, unflatten
 from .steps import (Lanes, check_step, check_storage_dtypes, conventions, leaves_under, narrowed,
                     new_specs, positive_int, real, scalar_leaf, seed_or_fresh)
@@ -745,6 +745,51 @@ class ReplayBuffer(Lanes):
         out["num_rows"] = packed["cu_seqlens"][-1]
         out["index"] = self._row_ids(packed["slot"], packed["mask"])
         return out
+
+    def episodes(self) -> Iterator[dict[str, Any]]:
+        """Every finished episode whose rows are all stored (what :meth:`sample_episodes` draws
+        from), oldest end first (ties by lane), one dict each: the leaves at ``[L, ...]`` in the
+        dtypes they were added in, ``next`` {the next leaves of the episode's last row: its
+        final observation} with ``next_valid`` (False when it was not given or was dropped,
+        or under ``next_step`` while its reset row is not written yet), ``length``, ``lane``,
+        ``terminated``, ``truncated`` (Python values), ``episode_return`` (float, with a
+        ``reward_key``) and ``index`` [L] transition ids.
+
+        Host-side and reading the index on the host (syncs on CUDA): for export and inspection,
+        not the training loop. Adding to the buffer while iterating raises a RuntimeError at the
+        next episode.
+        """
+        if self._ix is None:
+            return
+        ix, rows, lanes, adds = self._ix, self._rows, self._lanes, self._total
+        slots = self._episode_cumsum()[0].nonzero().flatten()
+        oldest = self.oldest_row
+        end_row = oldest + (slots.div(lanes, rounding_mode="floor") - oldest) % rows
+        order = torch.argsort(end_row * lanes + slots % lanes).tolist()
+        final_rows = 0 if self._next_step else self._final_rows
+        links = transition_links(ix, slots, end_row, final_rows, self._next_step)
+        valid = links["next_valid"] & (end_row + 1 < adds) if self._next_step else links["next_valid"]
+        specs = self._specs
+        for k in order:
+            if self._total != adds:
+                raise RuntimeError("episodes: the buffer was added to while iterating; iterate again")
+            slot, last = int(slots[k]), int(end_row[k])
+            lane, first = slot % lanes, int(ix.start.view(-1)[slot])
+            absolute = torch.arange(first, last + 1, device=self._device)
+            out: dict[str, Any] = unflatten(self._gather((absolute % rows) * lanes + lane))
+            entries = [(self._next_src[p], 0, specs[p].dtype) for p in self._next_leaves]
+            nxt = self._ops.gather(entries, (links["succ"][k:k + 1],)) if entries else []
+            flags = int(ix.end_flags.view(-1)[slot])
+            out["next"] = unflatten({p: v[0] for p, v in zip(self._next_leaves, nxt)})
+            out["next_valid"] = bool(valid[k])
+            out["length"] = last - first + 1
+            out["lane"] = lane
+            out["truncated"] = bool(flags & TRUNCATED)
+            out["terminated"] = not out["truncated"]
+            if self._reward_tracked:
+                out["episode_return"] = float(ix.ret.view(-1)[slot])
+            out["index"] = absolute * lanes + lane
+            yield out
 
     def _row_ids(self, slot: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Transition ids of packed rows at ``slot`` (-1 where ``mask`` is False), their absolute
