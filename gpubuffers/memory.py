@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from .specs import resolve_device
+from .layout import MAX_ROWS
+from .specs import flatten, resolve_device
 from .steps import real
 
 #: Bytes per slot of the temporaries that grow with capacity: ``sample_episodes`` keeps a table
@@ -46,7 +48,8 @@ def capacity_for(step_example: Any, num_envs: int | None, budget_bytes: int | No
         not its values; meta tensors work).
     budget_bytes: default ``fraction`` of the memory free on ``device`` now (default: the device
         of the example's tensors, or ``buffer_options["device"]``).
-    Raises a ValueError when not even 2 rows per lane fit.
+    At most ``layout.MAX_ROWS`` rows per lane, whatever the budget. Raises a ValueError when not
+    even 2 rows per lane fit.
     """
     from .buffer import ReplayBuffer
 
@@ -57,14 +60,14 @@ def capacity_for(step_example: Any, num_envs: int | None, budget_bytes: int | No
     fraction = real(fraction, "fraction", 0.0, 1.0, open_low=True)
     lanes = 1 if num_envs is None else num_envs
 
-    def total(rows: int) -> int:
+    def total(rows: int) -> int | float:
+        if rows > MAX_ROWS:  # more rows per lane than a buffer may hold: never fits
+            return math.inf
         return ReplayBuffer(rows * lanes, num_envs, **buffer_options).nbytes(step_example)["total"]
 
     if budget_bytes is None:
         dev = device if device is not None else buffer_options.get("device")
         if dev is None:
-            from .specs import flatten
-
             dev = next((v.device for v in flatten(step_example, "step_example").values()
                         if isinstance(v, torch.Tensor)), torch.device("cpu"))
         dev = resolve_device(dev, "device")
@@ -83,8 +86,9 @@ def capacity_for(step_example: Any, num_envs: int | None, budget_bytes: int | No
     # padding): bracket from the slope, then bisect.
     per_row = max(1, total(lo + 64) - low) / 64
     hi = max(lo + 1, int((budget_bytes - low) / per_row * 1.1) + lo + 2)
+    hi = min(hi, MAX_ROWS + 1)
     while total(hi) <= budget_bytes:
-        hi *= 2
+        hi = min(hi * 2, MAX_ROWS + 1)
     while hi - lo > 1:  # total(lo) fits, total(hi) does not
         mid = (lo + hi) // 2
         if total(mid) <= budget_bytes:

@@ -217,6 +217,17 @@ def test_capacity_for_defaults_and_errors(monkeypatch):
         capacity_for(example(), N, budget_bytes=10**6, storage_dtypes={"obs": torch.int8})
 
 
+def test_capacity_for_stops_at_the_largest_row_count_a_buffer_may_hold():
+    # A huge budget and a tiny single-environment step: the answer is bounded by the rows per
+    # lane a buffer accepts, and a buffer of that capacity can be built.
+    from gpubuffers.layout import MAX_ROWS
+
+    step = {"obs": torch.zeros((), dtype=torch.int8), "reward": torch.zeros(())}
+    cap = capacity_for(step, None, budget_bytes=10**15)
+    assert cap == MAX_ROWS
+    assert ReplayBuffer(cap).rows == MAX_ROWS
+
+
 def test_allocation_beyond_free_memory_is_refused_before_allocating(monkeypatch):
     from gpubuffers import memory
 
