@@ -15,5 +15,6 @@ echo "== CUDA tests"; timeout 240 $PY -m pytest -q tests/test_cuda.py tests/test
 echo "== graph bench"; { timeout 120 $PY -m bench.graph --out "$OUT"; timeout 150 $PY -m bench.profile_calls; } 2>&1 | tee "$OUT/graph.log" | tail -30
 echo "== whole suite"; timeout 300 $PY -m pytest -q -n 8 tests --deselect tests/test_kernel_compile.py 2>&1 | tee "$OUT/tests.log" | tail -12
 echo "== bench"; timeout 200 $PY -m bench --no-torchrl --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30
+echo "== bench.workers (W9: mirror add from CUDA)"; timeout 90 $PY -m bench.workers --quick --workers 0,4 --out "$OUT" 2>&1 | tee "$OUT/workers.log" | tail -8
 echo "== bench.ops"; timeout 100 $PY -m bench.ops 2>&1 | tee "$OUT/ops.log" | tail -25
 echo "== PPO example"; timeout 120 $PY examples/ppo.py --num-envs 4096 --quiet --out "$OUT" 2>&1 | tee "$OUT/ppo.log" | tail -3

@@ -80,31 +80,43 @@ class Curve:
         """Write ``<out>/<name>.csv`` and ``.png`` (matplotlib when installed); the run's summary."""
         if self.bar is not None:
             self.bar.close()
-        rows, out = self.rows, self.args.out
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        try:
-            import matplotlib
-        except ImportError:
-            matplotlib = None
-        if matplotlib is not None:
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(6, 4))
-            ax.plot([r["env_steps"] for r in rows], [r["mean_return"] for r in rows], marker=".")
-            ax.set_xlabel("environment steps")
-            ax.set_ylabel("mean episode return")
-            ax.set_title(title)
-            ax.grid(True, alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, f"{name}.png"), dpi=100)
-            plt.close(fig)
+        rows = self.rows
+        write_curve(self.args.out, name, rows, title, "mean episode return", {None: "mean_return"})
         return {"rows": rows, "mean_return": rows[-1]["mean_return"], "wall_s": rows[-1]["wall_s"],
                 "phases": dict(timer.total)}
+
+
+def write_curve(out: str, name: str, rows: list[dict], title: str, ylabel: str, series: dict,
+                log: bool = False) -> None:
+    """``<out>/<name>.csv`` of ``rows``, and ``.png`` (matplotlib when installed) of the columns
+    ``series`` ({label or None: column}) against ``env_steps``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps = [r["env_steps"] for r in rows]
+    for label, column in series.items():
+        ax.plot(steps, [r[column] for r in rows], marker="." if len(series) == 1 else None, label=label)
+    if log:
+        ax.set_yscale("log")
+    if len(series) > 1:
+        ax.legend()
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, f"{name}.png"), dpi=100)
+    plt.close(fig)
 
 
 class Returns:

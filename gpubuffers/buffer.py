@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
 from . import checkpoint, layout, memory, ops
-from .layout import STATE_ADDS, TRUNCATED
+from .layout import STATE_ADDS, STATE_OFFSET, TRUNCATED
 from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids, transition_links
 from .specs import LeafSpec, as_tensor, carrier, check_leaf, flatten, resolve_device, unflatten
 from .steps import (Lanes, check_step, check_storage_dtypes, conventions, leaves_under, narrowed,
@@ -16,6 +18,13 @@ from .steps import (Lanes, check_step, check_storage_dtypes, conventions, leaves
 
 #: Largest batch a sampler draws: the kernels number items with 32-bit program offsets.
 MAX_BATCH = 2**31 - 1
+
+#: Where a CPU buffer keeps its tensors: ``"memory"`` (private to the process) or ``"shared"``
+#: (shared memory, read live by DataLoader worker processes).
+STORAGE_KINDS = ("memory", "shared")
+
+#: Adds a CUDA buffer keeps staged for its host mirror before it waits for the oldest copy.
+MIRROR_PENDING = 64
 
 #: Default exponent of the importance weights of prioritized samples (Schaul et al. 2016).
 DEFAULT_BETA = 0.4
@@ -31,6 +40,7 @@ class _Step(NamedTuple):
     reward: torch.Tensor | None           # [N] float32
     finals: dict[str, torch.Tensor] | None  # next leaf path -> [N, *shape]
     layout: dict[str, Any] | None         # the storage allocated by the first add
+    mirrored: Any = None                  # the mirror's own _Step, or (event, its add's arguments) staged
 
 
 class ReplayBuffer(Lanes):
@@ -89,6 +99,21 @@ class ReplayBuffer(Lanes):
             leaf (or final observation) holds NaN or Inf, also one that overflows to Inf in its
             storage dtype, before writing anything. This reads values (a host sync on CUDA): a
             debugging aid, off by default, when NaN and Inf are stored as given.
+        storage: ``"memory"`` (default): tensors private to this process, on any device.
+            ``"shared"``: a CPU buffer whose rings, episode index, side tables and cursors live
+            in shared memory, so that :class:`~gpubuffers.BufferDataset` worker processes
+            (``DataLoader(num_workers=k)``, fork or spawn) sample the live buffer, with its later
+            adds, without copies; the process that built the buffer is the one that adds.
+        mirror: another, empty ``ReplayBuffer`` (same ``num_envs``, ``done_marks``,
+            ``autoreset``, ``next_keys`` and ``reward_key``, at least as many rows per lane; its
+            own device, capacity, storage, storage dtypes and priorities) that every :meth:`add`
+            also writes, checked with this buffer's add so that a rejected call changes neither.
+            Its episode index, final observations and statistics are its own, as if the same
+            steps had been added to it directly. From a CUDA buffer to a CPU mirror the rows are
+            copied on a side stream into pinned memory and written to the mirror once the copy
+            has landed, a few adds later, with no host sync on the add path (:meth:`sync_mirror`
+            waits for all of them); otherwise the mirror's add runs within this one. Add only
+            through this buffer.
     """
 
     def __init__(self, capacity: int, num_envs: int | None = None, *,
@@ -98,7 +123,8 @@ class ReplayBuffer(Lanes):
                  final_obs_capacity: int | None = None, max_proposals: int = 32,
                  backend: str | None = None, priority_alpha: float | None = None,
                  priority_eps: float = 1e-6, storage_dtypes: Mapping[str, torch.dtype] | None = None,
-                 check_finite: bool = False) -> None:
+                 check_finite: bool = False, storage: str = "memory",
+                 mirror: "ReplayBuffer | None" = None) -> None:
         capacity = positive_int(capacity, "capacity")
         lanes = 1 if num_envs is None else positive_int(num_envs, "num_envs")
         if capacity // lanes > layout.MAX_ROWS:
@@ -126,6 +152,16 @@ class ReplayBuffer(Lanes):
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite: expected a bool, got {check_finite!r}")
         self.check_finite = check_finite
+        if storage not in STORAGE_KINDS:
+            raise ValueError(f"storage: expected one of {STORAGE_KINDS}, got {storage!r}")
+        self.storage_kind = storage
+        self._pending: list[tuple[Any, _Step]] = []
+        self._mirror_stream = None
+        #: On a worker's view (:meth:`_reader`): the owner's episode index, read live.
+        self._source: EpisodeIndex | None = None
+        #: Shared storage: [1] int64, adds begun (counted before an add writes anything; the
+        #: index's ``state`` counts them once all is written), what worker views compare against.
+        self._begun: torch.Tensor | None = None
         self._narrow: dict[str, torch.dtype] = {}
         self.priority_alpha = priority_alpha
         self.priority_eps = priority_eps
@@ -134,6 +170,8 @@ class ReplayBuffer(Lanes):
         self._lanes = lanes
         self._single = num_envs is None
         self._device = None if device is None else resolve_device(device)
+        if self._device is not None:
+            self._check_storage_device(self._device)
         self._marks_last = marks_last
         self._next_step = next_step
         self.done_marks = done_marks
@@ -161,6 +199,7 @@ class ReplayBuffer(Lanes):
         self._reward_tracked = False
         self._row_stats: torch.Tensor | None = None
         self._stat_totals: torch.Tensor | None = None
+        self.mirror = self._check_mirror(mirror)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -311,7 +350,120 @@ class ReplayBuffer(Lanes):
         return (f"ReplayBuffer(capacity={self.capacity}, num_envs={self.num_envs}, rows={self._rows}, "
                 f"done_marks={self.done_marks!r}, autoreset={self.autoreset!r}, "
                 f"device={self._device}, adds={self._total}"
-                f"{'' if self.priority_alpha is None else f', priority_alpha={self.priority_alpha}'})")
+                f"{'' if self.priority_alpha is None else f', priority_alpha={self.priority_alpha}'}"
+                f"{'' if self.storage_kind == 'memory' else f', storage={self.storage_kind!r}'})")
+
+    # ------------------------------------------------------------------ worker processes
+    def _check_storage_device(self, device: torch.device) -> None:
+        if self.storage_kind != "memory" and device.type != "cpu":
+            raise ValueError(f"device: storage={self.storage_kind!r} holds CPU tensors (shared memory "
+                             f"that worker processes map), got {device}; keep {device.type} buffers in "
+                             f"storage='memory' and sample them on the device")
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The ops are a module or a kernel table: found again from the device where unpickled.
+        # A generator travels as its state bytes (a generator pickles its state as a tensor, which
+        # a multiprocessing pickler cannot send).
+        state = self.__dict__.copy()
+        state["_ops"] = None
+        # A mirror is written by the process that adds; copies elsewhere only read.
+        state.update(mirror=None, _pending=[], _mirror_stream=None)
+        rng = self._rng
+        if rng is not None:
+            state["_rng"] = (rng.generator.device, bytes(rng.generator.get_state().numpy()), rng.seed, rng.offset)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if self._rng is not None:
+            device, generator_state, seed, offset = self._rng
+            gen = torch.Generator(device=device)
+            gen.set_state(torch.frombuffer(bytearray(generator_state), dtype=torch.uint8))
+            self._rng = ops.Rng(gen, seed, offset)
+        if self._device is not None and self._specs is not None:
+            self._ops = ops.backend(self._device, self._backend)
+
+    def _reader(self, seed: int) -> "ReplayBuffer":
+        """A read-only view of this ``storage="shared"`` buffer for a process that samples it
+        while this one adds (a DataLoader worker): the same shared tensors, a private copy of the
+        cursors that :meth:`_read_batch` brings up to date before each batch, and its own random
+        stream from ``seed`` (the owner's generator and Philox offset are never advanced)."""
+        if self.storage_kind == "memory":
+            raise RuntimeError("the buffer was built with storage='memory': a worker process would "
+                               "sample a copy and miss the adds made after it started")
+        if self._ix is None:
+            raise RuntimeError("the buffer's shared storage is allocated by its first add: add a "
+                               "step before workers start")
+        if self._tree is not None:
+            raise RuntimeError("a prioritized buffer (priority_alpha=...) is sampled by the process "
+                               "that updates its priorities: sample it there (num_workers=0)")
+        seed = int(seed) & (2**63 - 1)
+        view = copy.copy(self)
+        view._source = self._ix if self._source is None else self._source
+        view._ix = dataclasses.replace(self._ix, state=self._ix.state.clone(),
+                                       fin_head=self._ix.fin_head.clone())
+        view._ix.state[STATE_OFFSET] = 0
+        gen = torch.Generator(device=self._device)
+        gen.manual_seed(seed)
+        view._rng = ops.Rng(gen, seed)
+        view._episode_ends = None
+        view._episode_rows_at = -1
+        return view
+
+    def _refresh(self) -> None:
+        """A view's snapshot of the owner's cursors: rows added, then final observations stored
+        per lane (in the order the owner advances them, so no end is seen before its row)."""
+        src, ix = self._source, self._ix
+        ix.state[STATE_ADDS:STATE_ADDS + 1].copy_(src.state[STATE_ADDS:STATE_ADDS + 1])
+        ix.fin_head.copy_(src.fin_head)
+        total = int(ix.state[STATE_ADDS])
+        if total != self._total:
+            self._total = total
+            self._episode_ends = None
+
+    def _read_batch(self, kind: str, batch_size: int, length: int | None = None,
+                    **options: Any) -> dict[str, Any]:
+        """One batch on a view, read like a sequence lock: sample from a snapshot of the owner's
+        cursors (``a0`` rows added, ``h0`` final observations per lane), gather, then read how
+        many adds the owner has begun (``b1``) and mark ``valid=False`` every item that may have
+        been overwritten meanwhile: those whose first row is at most ``b1 - 1 - T`` (the adds
+        ``a0 .. b1 - 1`` write the slots of rows ``a0 - T .. b1 - 1 - T``), and those whose
+        successor is a final observation in a side-table row that the at most ``b1 - a0`` final
+        observations stored per lane since the snapshot may reuse. Episodes so marked also leave
+        ``mask``, and their ``index`` becomes -1."""
+        self._refresh()
+        lanes, succ = self._lanes, None
+        if kind == "transitions":
+            out, succ = self._sample(batch_size, options.pop("n_step", 1), options.pop("gamma", None),
+                                     options.pop("priority_beta", None))
+            if options:
+                raise TypeError(f"sample: unexpected options {sorted(options)}")
+            first = out["index"]
+        elif kind == "sequences":
+            out = self.sample_sequences(batch_size, length, **options)
+            first = out["index"][:, 0]
+        else:
+            out = self.sample_episodes(batch_size, **options)
+            starts = out["cu_seqlens"][:-1].clamp(max=out["index"].shape[0] - 1)
+            first = out["index"][starts]
+        begun = int(self._begun[0])
+        torn = first.div(lanes, rounding_mode="floor") <= begun - 1 - self._rows
+        if succ is not None and self._final:
+            ring, k = self._rows * lanes, self._final_rows
+            lane = out["index"] % lanes
+            table_row = (succ - ring).div(lanes, rounding_mode="floor")
+            head = self._ix.fin_head[lane]
+            counter = head - 1 - (head - 1 - table_row) % k  # the kept counter stored in that row
+            reused = counter + k <= head + (begun - self._total) - 1
+            torn |= (succ >= ring) & out["next_valid"] & reused
+        out["valid"] = out["valid"] & ~torn
+        if kind == "episodes":
+            rows = torch.arange(out["mask"].shape[0], device=self._device)
+            episode = torch.searchsorted(out["cu_seqlens"][1:], rows, right=True)
+            keep = out["mask"] & ~torn[episode.clamp(max=batch_size - 1)]
+            out["mask"] = keep
+            out["index"] = torch.where(keep, out["index"], -1)
+        return out
 
     # ------------------------------------------------------------------ add
     def add(self, step: Any, done: Any = None, *, terminated: Any = None, truncated: Any = None,
@@ -345,16 +497,21 @@ class ReplayBuffer(Lanes):
     def _prepare(self, step: Any, done: Any, terminated: Any, truncated: Any, final_obs: Any) -> _Step:
         """Check and convert one add; allocate the storage on the first. Writes nothing to the
         buffer: every failure of an add happens here."""
+        if self._source is not None:
+            raise RuntimeError("add: this is a worker's read-only view of a shared buffer; add in "
+                               "the process that built the buffer")
         lay = self._layout()
         st = check_step(lay, step, done, terminated, truncated)
         specs, device = st.specs, st.device
         if self._specs is None:
+            self._check_storage_device(device)
             missing = [k for k in self.next_keys if not leaves_under(k, specs)]
             if missing:
                 raise ValueError(f"next_keys: {missing} are not leaves of the step (leaves: {sorted(specs)})")
         finals = None
         if final_obs is not None:
             finals = self._check_final(final_obs, specs, lay.batch, device)
+        given = st.flat
         reward_leaf = self._reward_leaf(specs)
         reward = None
         if reward_leaf is not None:
@@ -363,6 +520,7 @@ class ReplayBuffer(Lanes):
                 reward = reward.to(torch.float32)
         if finals is not None:
             finals = {k: v.detach().reshape(self._lanes, *specs[k].shape) for k, v in finals.items()}
+        given_finals = finals
         narrow = self._narrow if self._specs is not None else narrowed(self.storage_dtypes, specs,
                                                                         [reward_leaf or ""])
         flat = st.flat
@@ -375,7 +533,10 @@ class ReplayBuffer(Lanes):
             if finals is not None:
                 self._check_finite(finals, finals, "final_obs")
         new_layout = self._allocate(specs, device) if self._specs is None else None
-        return _Step(flat, st.done, st.terminated, st.truncated, reward, finals, new_layout)
+        mirrored = None
+        if self.mirror is not None:
+            mirrored = self._mirror_prepare(given, st, given_finals, device)
+        return _Step(flat, st.done, st.terminated, st.truncated, reward, finals, new_layout, mirrored)
 
     def _check_finite(self, given: dict[str, torch.Tensor], stored: dict[str, torch.Tensor], what: str) -> None:
         """``check_finite``: raise for the first floating leaf with NaN or Inf (as given, or once
@@ -400,6 +561,8 @@ class ReplayBuffer(Lanes):
         if st.layout is not None:
             self.__dict__.update(st.layout)
         ix, ops_ = self._ix, self._ops
+        if self._begun is not None:
+            self._begun.add_(1)
         row = ix.state[STATE_ADDS:STATE_ADDS + 1] % self._rows
         for p, v in st.flat.items():
             carrier(self._storage[p]).index_copy_(0, row, carrier(v)[None])
@@ -415,6 +578,100 @@ class ReplayBuffer(Lanes):
         ops_.advance(ix)
         self._total += 1
         self._episode_ends = None
+        if st.mirrored is not None:
+            self._mirror_commit(st.mirrored)
+
+    # ------------------------------------------------------------------ mirror
+    def _check_mirror(self, mirror: Any) -> "ReplayBuffer | None":
+        if mirror is None:
+            return None
+        if not isinstance(mirror, ReplayBuffer):
+            raise TypeError(f"mirror: expected a gpubuffers.ReplayBuffer, got {type(mirror).__name__}")
+        for name in ("num_envs", "done_marks", "autoreset", "next_keys", "reward_key"):
+            mine, theirs = getattr(self, name), getattr(mirror, name)
+            if mine != theirs:
+                raise ValueError(f"mirror: its {name}={theirs!r} differs from this buffer's {name}={mine!r}")
+        if mirror.rows < self._rows:
+            raise ValueError(f"mirror: expected at least this buffer's {self._rows} rows per lane "
+                             f"(capacity >= {self.capacity}), got {mirror.rows} (capacity {mirror.capacity})")
+        if mirror.num_adds or mirror._ix is not None:
+            raise ValueError(f"mirror: expected an empty buffer, got one with {mirror.num_adds} adds "
+                             f"(its episodes would run on into this buffer's)")
+        if mirror._source is not None:
+            raise ValueError("mirror: a worker's read-only view cannot be added to")
+        return mirror
+
+    def _mirror_prepare(self, given: dict[str, torch.Tensor], st: Any, finals: dict[str, torch.Tensor] | None,
+                        device: torch.device) -> Any:
+        """The mirror's checked add of the same step (as given, before any narrowing): its own
+        ``_Step``; or, when the step is staged from CUDA into pinned host memory on a side stream,
+        ``(event, the mirror's add arguments)``, checked and written once the copy has landed.
+        Deferring the check is safe there: the mirror's leaves were set by the same first add as
+        this buffer's (which runs synchronously), so what this buffer accepted the mirror accepts,
+        except for a finite check, which waits for the copy and runs now."""
+        mirror = self.mirror
+        single = self._single
+        flags = (st.done, st.terminated, st.truncated)
+        target = mirror.device
+        staged = device.type == "cuda" and target is not None and target.type == "cpu"
+        tensors = [*given.values(), *(f for f in flags if f is not None), *(finals or {}).values()]
+        event = None
+        if staged:
+            # Copy after the work queued so far, and make later work wait for the copy, so that
+            # the caller may overwrite its tensors in place right after add returns.
+            current = torch.cuda.current_stream(device)
+            if self._mirror_stream is None:
+                self._mirror_stream = torch.cuda.Stream(device)
+            side = self._mirror_stream
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                        for t in tensors]
+                for t in tensors:
+                    t.record_stream(side)
+                event = torch.cuda.Event()
+                event.record(side)
+            current.wait_stream(side)
+            tensors = host
+        elif target is not None and target != device:
+            tensors = [t.to(target) for t in tensors]
+        # A single environment's leaves and flags go back to their unbatched shapes.
+        it = iter(t[0] if single else t for t in tensors)
+        step = unflatten({p: next(it) for p in given})
+        done, terminated, truncated = (None if f is None else next(it) for f in flags)
+        final_obs = None if finals is None else unflatten({k: next(it) for k in finals})
+        args = (step, done, terminated, truncated, final_obs)
+        if event is not None and (mirror._specs is None or mirror.check_finite):
+            event.synchronize()  # the mirror's first add (it allocates) or its finite check reads values
+            event = None
+        return mirror._prepare(*args) if event is None else (event, args)
+
+    def _mirror_commit(self, mirrored: Any) -> None:
+        if isinstance(mirrored, _Step):
+            self.mirror._commit(mirrored)
+            return
+        self._pending.append(mirrored)
+        self._drain(wait=len(self._pending) > MIRROR_PENDING)
+
+    def _drain(self, wait: bool = False) -> None:
+        """Write staged rows whose copy has landed to the mirror, in order; with ``wait``, at
+        least the oldest (waiting for it)."""
+        while self._pending:
+            event, args = self._pending[0]
+            if wait:
+                event.synchronize()
+                wait = False
+            elif not event.query():
+                return
+            self._pending.pop(0)
+            mirror = self.mirror
+            mirror._commit(mirror._prepare(*args))
+
+    def sync_mirror(self) -> None:
+        """Wait for every row staged for the mirror and write it there (a host sync on CUDA;
+        a no-op without a mirror or when the mirror's add runs within :meth:`add`)."""
+        while self._pending:
+            self._drain(wait=True)
 
     def _reward_leaf(self, specs: dict[str, LeafSpec]) -> str | None:
         """The leaf whose values are summed into returns, or None when returns are not tracked."""
@@ -473,7 +730,7 @@ class ReplayBuffer(Lanes):
                   + (f", priorities {need['priority']:,} B" if need["priority"] else ""))
         lower = (f"lower capacity{', final_obs_capacity' if same_step and next_leaves else ''}, store "
                  f"smaller leaves (storage_dtypes=), or size it with gpubuffers.capacity_for")
-        free = memory.free_bytes(device)
+        free = memory.free_bytes(device, shared=self.storage_kind == "shared")
         if free is not None and total_bytes > free:
             raise ValueError(f"capacity: {total_bytes:,} bytes asked for on {device} for capacity="
                              f"{self.capacity} ({rows} rows x {lanes} lanes), and {free:,} bytes are free; "
@@ -483,9 +740,17 @@ class ReplayBuffer(Lanes):
                      for p, s in specs.items()}
             ix = EpisodeIndex.empty(rows, lanes, device)
             row_stats = torch.zeros(rows, 3, dtype=torch.float64, device=device)
+            stat_totals = torch.zeros(3, dtype=torch.float64, device=device)
             tree = None
             if self.priority_alpha is not None:
                 tree = PriorityTree.empty(rows * lanes, lanes, self.priority_alpha, self.priority_eps, device)
+            begun = None
+            if self.storage_kind == "shared":
+                begun = torch.zeros(1, dtype=torch.int64).share_memory_()
+                ix_tensors = [getattr(ix, f.name) for f in dataclasses.fields(ix) if f.name != "zeros"]
+                tree_tensors = [] if tree is None else [tree.leaf, tree.sums, tree.mins, tree.maxp, tree.slots]
+                for t in (*whole.values(), *ix_tensors, *ix.zeros, row_stats, stat_totals, *tree_tensors):
+                    t.share_memory_()
         except (RuntimeError, MemoryError) as err:  # torch.OutOfMemoryError is a RuntimeError
             raise ValueError(
                 f"capacity: cannot allocate {total_bytes:,} bytes on {device} for capacity="
@@ -506,7 +771,8 @@ class ReplayBuffer(Lanes):
             "_reward_tracked": self._reward_leaf(specs) is not None,
             "_narrow": narrow,
             "_row_stats": row_stats,
-            "_stat_totals": torch.zeros(3, dtype=torch.float64, device=device),
+            "_stat_totals": stat_totals,
+            "_begun": begun,
         }
 
     # ------------------------------------------------------------------ sampling
@@ -562,6 +828,11 @@ class ReplayBuffer(Lanes):
         the segment's last row, so ``target = return + discount * V(next)`` wherever
         ``target_valid``.
         """
+        return self._sample(batch_size, n_step, gamma, priority_beta)[0]
+
+    def _sample(self, batch_size: Any, n_step: Any, gamma: Any, priority_beta: Any
+                ) -> tuple[dict[str, Any], torch.Tensor]:
+        """:meth:`sample`, and the extended-source slot of each item's successor."""
         batch_size = self._check_batch(batch_size)
         n_step = positive_int(n_step, "n_step", self._rows)
         if gamma is not None:
@@ -613,7 +884,7 @@ class ReplayBuffer(Lanes):
             out["n_steps"] = links["n_steps"]
             out["discount"] = links["discount"]
             out["target_valid"] = links["next_valid"] | links["terminated"]
-        return out
+        return out, links["succ"]
 
     def sample_sequences(self, batch_size: int, length: int, *,
                          priority_beta: float | None = None) -> dict[str, Any]:

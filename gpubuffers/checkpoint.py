@@ -113,6 +113,8 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
     else:  # generator states do not carry across device types: restart the stream from the seed
         buf._rng.generator.manual_seed(settings["seed"])
     buf._total = counters["adds"]
+    if buf._begun is not None:
+        buf._begun.fill_(counters["adds"])
     buf._episode_rows = counters["episode_rows"]
     buf._episode_rows_at = -1
     buf._episode_ends = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -17,20 +18,30 @@ from .steps import real
 SCRATCH_BYTES_PER_SLOT = 1 + 8 + 2 * 8
 
 
-def free_bytes(device: torch.device) -> int | None:
+def free_bytes(device: torch.device, shared: bool = False) -> int | None:
     """Bytes free on ``device`` now: the CUDA driver's figure, the kernel's ``MemAvailable`` for
-    the CPU; None where it cannot be known."""
+    the CPU (with ``shared``, also no more than the space left in ``/dev/shm``, where shared
+    memory lives); None where it cannot be known."""
     if device.type == "cuda":
         return int(torch.cuda.mem_get_info(device)[0])
-    if device.type == "cpu":
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    free = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if shared:
         try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
+            fs = os.statvfs("/dev/shm")
+            shm = fs.f_bavail * fs.f_frsize
+            free = shm if free is None else min(free, shm)
         except OSError:
-            return None
-    return None
+            pass
+    return free
 
 
 def nbytes(tensors) -> int:

@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
+
+#: Triton kernels run under the interpreter (CPU): correct, but one program instance at a time.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def interpreted_slow(*values):
+    """A parametrization that runs in the default test run on a GPU and only under ``-m slow``
+    where the kernels are interpreted (the cases kept in the default run cover the same kernels)."""
+    return pytest.param(*values, marks=[pytest.mark.slow] if INTERPRETED else [])
 
 
 def flat(x, prefix=""):

@@ -199,7 +199,7 @@ def test_allocation_failure_on_first_add_keeps_nothing(free_known, monkeypatch):
     from gpubuffers import memory
 
     if not free_known:
-        monkeypatch.setattr(memory, "free_bytes", lambda device: None)
+        monkeypatch.setattr(memory, "free_bytes", lambda device, shared=False: None)
     buf = ReplayBuffer(2**40, 2**10, reward_key=None, next_keys=("pix",))
     with pytest.raises(ValueError) as info:
         buf.add({"obs": torch.zeros(2**10, 64), "pix": torch.zeros(2**10, 3, dtype=torch.uint8)},

@@ -238,3 +238,33 @@ def test_storage_dtypes_on_cuda_widen_in_the_gather_and_never_sync(autoreset):
     assert torch.equal(s["info"]["row"], s["index"] // N)
     qslot = q["index"] % buf.capacity
     assert torch.equal(q["obs"], obs[qslot].float())
+
+
+@pytest.mark.parametrize("marks", ["first", "last"])
+def test_a_host_mirror_is_fed_without_host_syncs_and_holds_what_a_direct_add_would(marks):
+    # Isaac Lab reuses its step tensors: they are overwritten in place right after each add.
+    tier = ReplayBuffer(96 * N, N, done_marks=marks, seed=0, device="cpu", storage="shared",
+                        storage_dtypes={"obs": torch.bfloat16})
+    twin = ReplayBuffer(96 * N, N, done_marks=marks, seed=0, device="cpu", storage="shared",
+                        storage_dtypes={"obs": torch.bfloat16})
+    ring = ReplayBuffer(16 * N, N, done_marks=marks, seed=0, mirror=tier)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    step = {"obs": torch.empty(N, 16, device="cuda"), "reward": torch.empty(N, device="cuda")}
+    done, final = torch.empty(N, dtype=torch.bool, device="cuda"), torch.empty(N, 16, device="cuda")
+    for t in range(200):
+        torch.randn(N, 16, generator=g, device="cuda", out=step["obs"])
+        torch.randn(N, generator=g, device="cuda", out=step["reward"])
+        torch.lt(torch.rand(N, generator=g, device="cuda"), 0.05, out=done)
+        torch.randn(N, 16, generator=g, device="cuda", out=final)
+        twin.add({k: v.cpu() for k, v in step.items()}, done.cpu(), final_obs=final.cpu())
+        if t >= 1:  # the first add allocates both buffers
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            ring.add(step, done, final_obs=final)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ring.sync_mirror()
+    assert tier.num_adds == twin.num_adds == 200
+    a, b = tier.state_dict()["tensors"], twin.state_dict()["tensors"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -171,3 +171,22 @@ def test_td3_drives_a_gymnasium_mujoco_vector_env(tmp_path):
     rows = read_csv(tmp_path / "td3_halfcheetah.csv")
     assert int(rows[-1]["env_steps"]) == 300 * 4 and int(rows[-1]["updates"]) == 280
     assert all(v > 0 for v in out["phases"].values())
+
+
+def test_world_model_example_learns_from_the_host_tier_through_workers(tmp_path):
+    import world_model
+
+    out = world_model.main(["--iterations", "3", "--num-envs", "32", "--workers", "1", "--batch", "32",
+                            "--quiet", "--out", str(tmp_path)])
+    rows = read_csv(tmp_path / "world_model_pendulum.csv")
+    assert len(rows) == 3 and out["tier_adds"] == out["ring_adds"] == 16 + 3 * 4
+    assert set(out["phases"]) == set(world_model.PHASES) and all(v > 0 for v in out["phases"].values())
+    assert (tmp_path / "world_model_pendulum.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+@pytest.mark.slow
+def test_world_model_reaches_one_percent_of_the_no_change_error_within_5_minutes(tmp_path):
+    import world_model
+
+    out = world_model.main(["--seed", "0", "--quiet", "--out", str(tmp_path)])
+    assert out["ratio"] <= 0.01 and out["wall_s"] <= 300

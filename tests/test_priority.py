@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from compare import interpreted_slow
 from gpubuffers import ReplayBuffer
 from gpubuffers import reference as ref
 from gpubuffers.layout import SENTINEL
@@ -210,7 +211,7 @@ def chi_square_bound(dof: int, z: float = 4.0) -> float:
     return dof * (1 - k + z * math.sqrt(k)) ** 3
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b if b == "torch" else interpreted_slow(b) for b in BACKENDS])
 def test_draws_follow_priority_to_the_alpha(backend):
     lanes, rows, alpha = 8, 40, 0.7
     buf = ReplayBuffer(lanes * rows, lanes, seed=5, backend=backend, priority_alpha=alpha,
@@ -241,7 +242,7 @@ def test_draws_follow_priority_to_the_alpha(backend):
     assert (s["weight"] <= 1).all() and s["weight"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b if b == "torch" else interpreted_slow(b) for b in BACKENDS])
 def test_windows_are_proportional_among_admissible_windows(backend):
     lanes, rows, length = 4, 30, 3
     buf = ReplayBuffer(lanes * rows, lanes, seed=8, backend=backend, priority_alpha=1.0, max_proposals=8,

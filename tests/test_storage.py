@@ -201,7 +201,7 @@ def test_capacity_for_is_the_largest_that_fits(opts):
 def test_capacity_for_defaults_and_errors(monkeypatch):
     from gpubuffers import memory
 
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 10_000_000)
+    monkeypatch.setattr(memory, "free_bytes", lambda device, shared=False: 10_000_000)
     cap = capacity_for(example(), N)  # 0.8 of the free memory
     assert cap == capacity_for(example(), N, budget_bytes=8_000_000)
     assert capacity_for(example(), N, fraction=0.4) == capacity_for(example(), N, budget_bytes=4_000_000)
@@ -231,7 +231,7 @@ def test_capacity_for_stops_at_the_largest_row_count_a_buffer_may_hold():
 def test_allocation_beyond_free_memory_is_refused_before_allocating(monkeypatch):
     from gpubuffers import memory
 
-    monkeypatch.setattr(memory, "free_bytes", lambda device: 1_000_000)
+    monkeypatch.setattr(memory, "free_bytes", lambda device, shared=False: 1_000_000)
     buf = ReplayBuffer(1000 * N, N)
     with pytest.raises(ValueError) as err:
         buf.add(example(), torch.zeros(N, dtype=torch.bool))
@@ -240,7 +240,7 @@ def test_allocation_beyond_free_memory_is_refused_before_allocating(monkeypatch)
     need = buf.nbytes(example())
     assert f"{need['total'] - need['scratch']:,} bytes asked for" in msg
     assert buf.num_adds == 0 and buf.storage == {}
-    monkeypatch.setattr(memory, "free_bytes", lambda device: None)  # unknown: allocation decides
+    monkeypatch.setattr(memory, "free_bytes", lambda device, shared=False: None)  # unknown: allocation decides
     buf.add(example(), torch.zeros(N, dtype=torch.bool))
     assert buf.num_adds == 1
 

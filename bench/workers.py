@@ -1,0 +1,166 @@
+"""W8: windows per second from a shared-memory buffer through DataLoader worker processes;
+W9: the cost of an add that also writes a host mirror.
+
+``python -m bench.workers [--quick] [--capacity LOG2] [--workers 0,1,2,4] [--device DEV] [--out DIR]``
+
+A CPU buffer with ``storage="shared"`` (N=1024 lanes, obs float32[64], action float32[12],
+episodes of 50-150 rows) is filled past one wrap; then a ``BufferDataset`` of
+``sample_sequences(256, 32)`` is read through ``DataLoader(num_workers=k)`` while the main
+process adds one row per batch received, as a training loop does. The baseline is ``k = 0``
+(the main process samples), measured in the same run; each figure is windows per second over
+the batches after a warm-up, and the share of windows a worker returned ``valid=False`` because
+the ring overwrote them while they were read.
+
+W9 times ``add`` (N=4096 lanes, obs float32[64], action float32[12], reward, flags and final
+observations) of a 2^20-slot buffer on ``--device`` with a 2^22-slot CPU mirror in shared memory
+against the same add without one, interleaved in one run. On a CPU device the mirror's add runs
+within the add (two adds); from CUDA the rows are staged to pinned memory on a side stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from gpubuffers import BufferDataset, ReplayBuffer
+
+from .timing import interleaved
+
+LANES, OBS, ACT, BATCH, LENGTH = 1024, 64, 12, 256, 32
+
+
+def filled(capacity: int, seed: int = 0) -> tuple[ReplayBuffer, "Stepper"]:
+    buf = ReplayBuffer(capacity, LANES, storage="shared", done_marks="last", seed=seed)
+    stepper = Stepper(seed)
+    for _ in range(buf.rows + buf.rows // 4):
+        stepper.add(buf)
+    return buf, stepper
+
+
+class Stepper:
+    """Steps of LANES lanes with episodes of 50-150 rows."""
+
+    def __init__(self, seed: int) -> None:
+        self.gen = torch.Generator().manual_seed(seed)
+        self.left = torch.randint(50, 151, (LANES,), generator=self.gen)
+
+    def add(self, buf: ReplayBuffer) -> None:
+        self.left -= 1
+        done = self.left == 0
+        self.left = torch.where(done, torch.randint(50, 151, (LANES,), generator=self.gen), self.left)
+        buf.add({"obs": torch.randn(LANES, OBS, generator=self.gen),
+                 "action": torch.randn(LANES, ACT, generator=self.gen),
+                 "reward": torch.randn(LANES, generator=self.gen)}, done,
+                final_obs=torch.randn(LANES, OBS, generator=self.gen))
+
+
+def measure(buf: ReplayBuffer, stepper: Stepper, workers: int, batches: int, warmup: int) -> dict:
+    ds = BufferDataset(buf, BATCH, kind="sequences", length=LENGTH)
+    loader = DataLoader(ds, batch_size=None, num_workers=workers,
+                        **({"prefetch_factor": 4, "persistent_workers": False} if workers else {}))
+    it = iter(loader)
+    items = invalid = 0
+    for i in range(warmup + batches):
+        if i == warmup:
+            start = time.perf_counter()
+        out = next(it)
+        stepper.add(buf)
+        if i >= warmup:
+            items += out["valid"].numel()
+            invalid += int((~out["valid"]).sum())
+    seconds = time.perf_counter() - start
+    del it
+    return {"workers": workers, "windows_per_s": items / seconds, "invalid_share": invalid / items,
+            "batches": batches, "seconds": seconds}
+
+
+def run_mirror(device: torch.device, repeats: int) -> dict:
+    """W9: add with a CPU mirror against add alone (median seconds, same interleaved run)."""
+    lanes = 4096
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        return ({"obs": torch.randn(lanes, OBS, generator=g, device=device),
+                 "action": torch.randn(lanes, ACT, generator=g, device=device),
+                 "reward": torch.randn(lanes, generator=g, device=device)},
+                torch.rand(lanes, generator=g, device=device) < 0.01,
+                torch.randn(lanes, OBS, generator=g, device=device))
+
+    pool = [step() for _ in range(8)]
+    alone = ReplayBuffer(1 << 20, lanes, device=device, done_marks="last", seed=0)
+    tier = ReplayBuffer(1 << 22, lanes, device="cpu", storage="shared", done_marks="last", seed=0)
+    mirrored = ReplayBuffer(1 << 20, lanes, device=device, done_marks="last", seed=0, mirror=tier)
+    counter = [0, 0]
+
+    def add(buf, k):
+        def fn():
+            s, done, final = pool[counter[k] % len(pool)]
+            counter[k] += 1
+            buf.add(s, terminated=done, final_obs=final)
+        return fn
+
+    times = interleaved({"alone": add(alone, 0), "mirrored": add(mirrored, 1)}, device,
+                        warmup=5, repeats=repeats, inner=4)
+    mirrored.sync_mirror()
+    return {"alone_s": times["alone"].median_s, "mirrored_s": times["mirrored"].median_s,
+            "ratio": times["mirrored"].median_s / times["alone"].median_s, "mirror_adds": tier.num_adds}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="2^20 slots and fewer batches")
+    p.add_argument("--capacity", type=int, default=None, help="log2 of the capacity (default 22, quick 20)")
+    p.add_argument("--workers", default="0,1,2", help="worker counts, comma-separated (0 is the baseline)")
+    p.add_argument("--device", default=None, help="W9's buffer device (default: cuda when available, else cpu)")
+    p.add_argument("--out", default=None, help="folder for workers_cpu.csv (default bench/results)")
+    args = p.parse_args()
+    from .__main__ import provenance
+
+    capacity = 1 << (args.capacity or (20 if args.quick else 22))
+    counts = [int(k) for k in args.workers.split(",")]
+    if 0 not in counts:
+        counts = [0] + counts
+    batches, warmup = (60, 10) if args.quick else (300, 30)
+    prov = provenance(torch.device("cpu"))
+    buf, stepper = filled(capacity)
+    print(f"# W8 on {prov['device']}, commit {prov['commit']}: sample_sequences({BATCH}, {LENGTH}) "
+          f"through DataLoader workers from a shared buffer of {capacity} slots ({LANES} lanes), "
+          f"one add per batch\n")
+    rows = [measure(buf, stepper, k, batches, warmup) for k in counts]
+    base = next(r for r in rows if r["workers"] == 0)["windows_per_s"]
+    print("| workers | windows/s vs 0 workers | windows returned invalid |")
+    print("|---|---|---|")
+    for r in rows:
+        r["vs_baseline"] = r["windows_per_s"] / base
+        print(f"| {r['workers']} | {r['vs_baseline']:.2f}x | {100 * r['invalid_share']:.3f}% |")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", *(["quick"] if args.quick else []))
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "workers_cpu.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["capacity", *rows[0], *prov])
+        for r in rows:
+            w.writerow([capacity, *(f"{v:.4g}" if isinstance(v, float) else v for v in r.values()), *prov.values()])
+    print(f"\nwrote {path}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mirror = run_mirror(device, 10 if args.quick else 30)
+    prov = provenance(device)
+    print(f"\n# W9 on {prov['device']}: "
+          f"add of 4096 lanes with a 2^22-slot CPU mirror: {mirror['ratio']:.2f}x the add alone "
+          f"({mirror['mirror_adds']} rows reached the mirror)")
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    mpath = os.path.join(out, f"mirror_{tag}.csv")
+    with open(mpath, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*mirror, *prov])
+        w.writerow([f"{v:.4g}" if isinstance(v, float) else v for v in mirror.values()] + list(prov.values()))
+    print(f"wrote {mpath}")
+
+
+if __name__ == "__main__":
+    main()
