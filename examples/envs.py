@@ -173,3 +173,18 @@ class GymnasiumVec:
         obs, reward, terminated, truncated, _ = self.envs.step(action.detach().cpu().numpy())
         return (self._tensor(obs).float(), self._tensor(reward).float(), self._tensor(terminated),
                 self._tensor(truncated), {})
+
+
+def pendulum_images(obs: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """[N, size, size, 3] uint8 pictures of Pendulum observations ``[cos, sin, speed]``: the rod
+    from the pivot (the centre) to its tip, white on black, in batch on the observations' device."""
+    cos, sin = obs[:, 0], obs[:, 1]
+    axis = torch.arange(size, device=obs.device, dtype=obs.dtype) - (size - 1) / 2
+    y, x = axis[:, None], axis[None, :]
+    length = 0.45 * size
+    # gymnasium draws angle 0 pointing up: the tip is at (sin, -cos) in image coordinates.
+    tip_x, tip_y = (length * sin)[:, None, None], (-length * cos)[:, None, None]
+    along = ((x * tip_x + y * tip_y) / length ** 2).clamp(0, 1)
+    dist = torch.hypot(x - along * tip_x, y - along * tip_y)
+    lit = (dist < 1.5).to(torch.uint8) * 255
+    return lit[..., None].expand(-1, -1, -1, 3).contiguous()

@@ -340,11 +340,13 @@ class ReplayBuffer(Lanes):
         checkpoint.save(self, path)
 
     @classmethod
-    def load(cls, path: str, device: str | torch.device | None = None) -> "ReplayBuffer":
+    def load(cls, path: str, device: str | torch.device | None = None,
+             storage: str = "memory") -> "ReplayBuffer":
         """A buffer restored from a :meth:`save` file, on ``device`` (default: the kind of
-        device it was saved from). A damaged file, a newer format or a checksum that does not
-        match raises a ValueError."""
-        return checkpoint.load(cls, path, device)
+        device it was saved from; the CPU for ``storage="shared"``), its tensors kept as
+        ``storage`` says (``"shared"``: for DataLoader worker processes). A damaged file, a newer
+        format or a checksum that does not match raises a ValueError."""
+        return checkpoint.load(cls, path, device, storage)
 
     def __repr__(self) -> str:
         return (f"ReplayBuffer(capacity={self.capacity}, num_envs={self.num_envs}, rows={self._rows}, "

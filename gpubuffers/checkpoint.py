@@ -243,14 +243,17 @@ def read(path: str | os.PathLike, device: str | torch.device | None = None) -> d
     return {"header": header, "tensors": tensors}
 
 
-def load(cls, path: str | os.PathLike, device: str | torch.device | None = None):
+def load(cls, path: str | os.PathLike, device: str | torch.device | None = None, storage: str = "memory"):
     """A new ``cls`` (ReplayBuffer) restored from ``path`` onto ``device`` (default: the kind of
-    device it was saved from, ``"cuda"`` meaning the current one)."""
+    device it was saved from, ``"cuda"`` meaning the current one), with ``storage`` (a shared
+    buffer, for worker processes, on the CPU)."""
     sd = read(path)
     header = sd["header"]
+    if device is None and storage != "memory":
+        device = "cpu"
     dev = resolve_device(header["device"] if device is None else device)
     settings = dict(header["settings"])
     settings["storage_dtypes"] = {k: _DTYPES[d] for k, d in settings.get("storage_dtypes", {}).items()}
-    buf = cls(**settings, device=dev)
+    buf = cls(**settings, device=dev, storage=storage)
     load_state_dict(buf, sd)
     return buf

@@ -268,3 +268,20 @@ def test_a_host_mirror_is_fed_without_host_syncs_and_holds_what_a_direct_add_wou
     a, b = tier.state_dict()["tensors"], twin.state_dict()["tensors"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_workers_of_a_shared_buffer_feed_the_gpu_through_pinned_memory():
+    from torch.utils.data import DataLoader
+
+    from gpubuffers import BufferDataset
+
+    buf = ReplayBuffer(64 * 8, 8, device="cpu", storage="shared", done_marks="last", seed=0)
+    for t in range(40):
+        buf.add({"obs": torch.full((8, 3), float(t)), "reward": torch.ones(8)}, torch.zeros(8, dtype=torch.bool))
+    loader = DataLoader(BufferDataset(buf, 32, kind="sequences", length=4, num_batches=6), batch_size=None,
+                        num_workers=2, pin_memory=True)
+    for batch in loader:
+        assert batch["obs"].is_pinned()
+        obs = batch["obs"].to("cuda", non_blocking=True)
+        rows = (batch["index"] // 8).to("cuda", non_blocking=True)
+        assert torch.equal(obs[..., 0], rows.float())

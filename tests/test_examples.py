@@ -190,3 +190,24 @@ def test_world_model_reaches_one_percent_of_the_no_change_error_within_5_minutes
 
     out = world_model.main(["--seed", "0", "--quiet", "--out", str(tmp_path)])
     assert out["ratio"] <= 0.01 and out["wall_s"] <= 300
+
+
+def test_quickstart_example_keeps_episodes_intact_in_both_layouts():
+    import quickstart
+
+    out = quickstart.main(["--steps", "600", "--num-envs", "4"])
+    for name, run in out.items():
+        batch = run["batch"]
+        assert batch["obs"].shape == (32, 10, 3) and batch["image"].shape == (32, 10, 32, 32, 3)
+        assert batch["image"].dtype == torch.uint8 and batch["valid"].all(), name
+        assert (batch["image"].flatten(2).amax(2) == 255).all()  # every frame shows the rod
+    assert out["single environment"]["buffer"].num_envs is None
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core machine
+def test_loading_example_reads_windows_with_workers():
+    import loading
+
+    out = loading.main(["--workers", "0,2", "--num-envs", "8", "--steps", "4000", "--batch", "64",
+                        "--batches", "5"])
+    assert [r["workers"] for r in out] == [0, 2] and all(r["windows_per_s"] > 0 for r in out)

@@ -159,11 +159,12 @@ def _check_batches(batches, kind):
             assert (row[ok][:, 1:] - row[ok][:, :-1] == 1).all()
 
 
-@pytest.mark.parametrize("context", ["fork", "spawn"])
-def test_workers_sample_the_live_buffer(context):
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core machine
+@pytest.mark.parametrize("context,workers", [("fork", 2), ("fork", 4), ("spawn", 2)])
+def test_workers_sample_the_live_buffer(context, workers):
     owner = shared(rows=64, adds=10)
     ds = BufferDataset(owner, 256, kind="transitions")
-    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context=context,
+    loader = DataLoader(ds, batch_size=None, num_workers=workers, multiprocessing_context=context,
                         generator=torch.Generator().manual_seed(0), prefetch_factor=1)
     newest, batches = [], []
     for i, out in enumerate(loader):
@@ -173,9 +174,11 @@ def test_workers_sample_the_live_buffer(context):
         if newest[-1] >= 30 or i > 400:
             break
     _check_batches(batches, "transitions")
-    # Adds made after the workers started reach their samples, and the two workers differ.
+    # Adds made after the workers started reach their samples, and the workers' streams differ
+    # (the loader takes one batch from each worker in turn).
     assert newest[-1] >= 30
-    assert not torch.equal(batches[0]["index"], batches[1]["index"])
+    first = [b["index"] for b in batches[:workers]]
+    assert all(not torch.equal(first[i], first[j]) for i in range(workers) for j in range(i))
 
 
 def test_workers_split_num_batches_and_repeat_under_a_seeded_loader():
@@ -256,8 +259,13 @@ def test_shared_storage_is_shared_and_checkpoints_round_trip(tmp_path):
     buf.save(tmp_path / "b.gpub")
     back = ReplayBuffer(8 * N, N, done_marks="last", storage="shared", final_obs_capacity=2 * N)
     back.load_state_dict(ReplayBuffer.load(tmp_path / "b.gpub").state_dict())
-    assert all(t.is_shared() for t in back.storage.values())
+    again = ReplayBuffer.load(tmp_path / "b.gpub", storage="shared")
+    for b in (back, again):
+        assert all(t.is_shared() for t in b.storage.values()) and b.storage_kind == "shared"
     assert torch.equal(back.sample(64)["index"], buf.sample(64)["index"])
+    assert torch.equal(again.sample(64)["index"], ReplayBuffer.load(tmp_path / "b.gpub").sample(64)["index"])
+    out = next(iter(DataLoader(BufferDataset(again, 16), batch_size=None, num_workers=1)))
+    assert not (torn_transitions(out) & out["valid"]).any() and out["valid"].all()
 
 
 def test_shared_allocation_is_checked_against_the_space_in_dev_shm(monkeypatch):
