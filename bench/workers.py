@@ -20,7 +20,6 @@ within the add (two adds); from CUDA the rows are staged to pinned memory on a s
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from gpubuffers import BufferDataset, ReplayBuffer
 
+from . import write_rows
 from .timing import interleaved
 
 LANES, OBS, ACT, BATCH, LENGTH = 1024, 64, 12, 256, 32
@@ -139,13 +139,7 @@ def main() -> None:
         r["vs_baseline"] = r["windows_per_s"] / base
         print(f"| {r['workers']} | {r['vs_baseline']:.2f}x | {100 * r['invalid_share']:.3f}% |")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", *(["quick"] if args.quick else []))
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "workers_cpu.csv")
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["capacity", *rows[0], *prov])
-        for r in rows:
-            w.writerow([capacity, *(f"{v:.4g}" if isinstance(v, float) else v for v in r.values()), *prov.values()])
+    path = write_rows(out, "workers_cpu.csv", [{"capacity": capacity, **r} for r in rows], prov)
     print(f"\nwrote {path}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     mirror = run_mirror(device, 10 if args.quick else 30)
@@ -154,13 +148,7 @@ def main() -> None:
           f"add of 4096 lanes with a 2^22-slot CPU mirror: {mirror['ratio']:.2f}x the add alone "
           f"({mirror['mirror_adds']} rows reached the mirror)")
     tag = "cuda" if device.type == "cuda" else "cpu"
-    mpath = os.path.join(out, f"mirror_{tag}.csv")
-    with open(mpath, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow([*mirror, *prov])
-        w.writerow([f"{v:.4g}" if isinstance(v, float) else v for v in mirror.values()] + list(prov.values()))
-    print(f"wrote {mpath}")
-
+    print(f"wrote {write_rows(out, f'mirror_{tag}.csv', [mirror], prov)}")
 
 if __name__ == "__main__":
     main()

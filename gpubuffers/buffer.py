@@ -258,21 +258,28 @@ class ReplayBuffer(Lanes):
         whole episodes, also those whose first rows were overwritten. Per-row sums kept as rows
         are written make the whole buffer O(1) and a window O(last_rows), whatever N.
         """
+        return self._stats_of(self._episode_sums(last_rows))
+
+    def _episode_sums(self, last_rows: int | None) -> torch.Tensor:
+        """[3] float64 on the device: episodes ended in the newest ``last_rows`` rows (default:
+        all live rows), the sum of their lengths, the sum of their returns."""
         if self._ix is None:
             raise ValueError("episode_stats: the buffer is empty; add steps first")
         if last_rows is not None:
             last_rows = positive_int(last_rows, "last_rows")
         if last_rows is None or last_rows >= self._rows:
-            sums = self._stat_totals  # every live row
-        else:
-            # The newest last_rows rows, counted back from the device cursor (graph-safe); rows
-            # before the first add hold no sums.
-            adds = self._ix.state[STATE_ADDS]
-            back = torch.arange(1, last_rows + 1, device=self._device)
-            sums = self._row_stats.index_select(0, (adds - back) % self._rows)
-            sums = torch.where((adds - back >= 0)[:, None], sums, 0.0).sum(0)
+            return self._stat_totals  # every live row
+        # The newest last_rows rows, counted back from the device cursor (graph-safe); rows
+        # before the first add hold no sums.
+        adds = self._ix.state[STATE_ADDS]
+        back = torch.arange(1, last_rows + 1, device=self._device)
+        sums = self._row_stats.index_select(0, (adds - back) % self._rows)
+        return torch.where((adds - back >= 0)[:, None], sums, 0.0).sum(0)
+
+    def _stats_of(self, sums: torch.Tensor) -> dict[str, torch.Tensor]:
+        """:meth:`episode_stats` from its three sums."""
         count = sums[0]
-        nan = torch.full((), math.nan, dtype=torch.float64, device=self._device)
+        nan = torch.full((), math.nan, dtype=torch.float64, device=sums.device)
         some = count > 0
         out = {"count": count.round().long(), "mean_length": torch.where(some, sums[1] / count, nan)}
         if self._reward_tracked:

@@ -1,0 +1,106 @@
+"""W10: a global ``sample(4096)`` of a ShardedReplayBuffer against a local one, same run.
+
+``python -m bench.distributed [--world 2] [--backend gloo] [--repeats 30] [--out DIR]``
+
+Spawns ``--world`` processes (gloo on CPU; nccl puts rank r on GPU r), each holding a shard of
+2^18 transitions from 1024 lanes (obs float32[64], action float32[12], reward, flags, final
+observations), and times, interleaved and behind a barrier, ``sample(4096)`` (local) and
+``sample(4096, scope="global")``; reports the median ratio and the bytes each rank sends and
+receives per global call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from . import write_rows
+
+LANES, OBS, ACT, BATCH = 1024, 64, 12, 4096
+
+
+def run(rank: int, world: int, port: int, backend: str, repeats: int, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    from gpubuffers.distributed import ShardedReplayBuffer
+
+    buf = ShardedReplayBuffer(1 << 18, LANES, seed=0, done_marks="last", device=device)
+    g = torch.Generator(device=device).manual_seed(rank)
+    for _ in range(buf.local.rows + 8):
+        buf.add({"obs": torch.randn(LANES, OBS, generator=g, device=device),
+                 "action": torch.randn(LANES, ACT, generator=g, device=device),
+                 "reward": torch.randn(LANES, generator=g, device=device)},
+                terminated=torch.rand(LANES, generator=g, device=device) < 0.01,
+                final_obs=torch.randn(LANES, OBS, generator=g, device=device))
+    times: dict[str, list[float]] = {"local": [], "global": []}
+    for i in range(repeats + 3):
+        for scope in ("local", "global"):
+            dist.barrier()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            out = buf.sample(BATCH, scope=scope)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 3:
+                times[scope].append(time.perf_counter() - t0)
+    item = sum(t[0].numel() * t.element_size() for t in _tensors(out) if t is not out["rank"])
+    if rank == 0:
+        queue.put({"local_s": statistics.median(times["local"]), "global_s": statistics.median(times["global"]),
+                   "item_bytes": item, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else "CPU"})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _tensors(x):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    else:
+        yield x
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.distributed", description=__doc__)
+    p.add_argument("--world", type=int, default=2)
+    p.add_argument("--backend", default="gloo", choices=["gloo", "nccl"])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--out", default=None, help="folder for distributed_<backend>.csv (default bench/results)")
+    args = p.parse_args()
+    from .__main__ import provenance
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    mp.start_processes(run, args=(args.world, port, args.backend, args.repeats, queue), nprocs=args.world,
+                       start_method="spawn")
+    r = queue.get()
+    # Per global call a rank sends its drawable count and request counts (8 B per rank each) and
+    # about B items' bytes (the share other ranks draw from it), and receives B items.
+    moved = BATCH * r["item_bytes"]
+    prov = provenance(torch.device("cuda" if args.backend == "nccl" else "cpu"))
+    ratio = r["global_s"] / r["local_s"]
+    print(f"# W10 on {prov['device']}, {args.backend}, {args.world} processes, commit {prov['commit']}: "
+          f"global sample({BATCH}) takes {ratio:.2f}x a local one; each rank receives {moved / 1e6:.2f} MB "
+          f"({r['item_bytes']} B per item) and sends as much on average, plus 16 B per rank of counts")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results")
+    row = {"world": args.world, "batch": BATCH, "item_bytes": r["item_bytes"], "bytes_received_per_call": moved,
+           "global_vs_local": ratio}
+    print(f"wrote {write_rows(out, f'distributed_{args.backend}.csv', [row], prov)}")
+
+if __name__ == "__main__":
+    main()

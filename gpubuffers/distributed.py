@@ -1,0 +1,232 @@
+"""ShardedReplayBuffer: one buffer shard per rank of a torch.distributed process group.
+
+Each rank (one process per GPU under ``torchrun``, or per CPU worker on gloo) holds the shard of
+its own environments' lanes on its own device and adds to it with no communication. Sampling is
+local (a rank learns from its own lanes: data-parallel training) or global: B items per rank,
+uniform over the union of every rank's shard, the rows fetched from their owners with one
+``all_to_all_single``. Statistics are summed over the group with one ``all_reduce``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .buffer import MAX_BATCH, ReplayBuffer
+from .specs import flatten, unflatten
+from .steps import positive_int
+
+SCOPES = ("local", "global")
+
+
+class ShardedReplayBuffer:
+    """A :class:`~gpubuffers.ReplayBuffer` shard per rank of ``group`` (default: the world).
+
+    Args:
+        capacity: transitions held by this rank's shard (per rank: the group holds
+            ``capacity * world_size``).
+        num_envs: this rank's lanes.
+        group: the process group (``torch.distributed.init_process_group`` must have run).
+        seed: rank r seeds its shard with ``seed + r`` (``None``: a fresh seed per rank).
+        **options: any :class:`~gpubuffers.ReplayBuffer` option, the same on every rank.
+
+    Collective calls (``scope="global"``, ``episode_stats(scope="global")``) must be made by
+    every rank of the group, in the same order, like any torch.distributed collective. A global
+    call first checks (once per kind of call) that every rank's leaves and settings agree, and
+    raises the same ValueError on every rank when they do not, instead of hanging.
+    """
+
+    def __init__(self, capacity: int, num_envs: int | None, *, group: Any = None, seed: int | None = None,
+                 **options: Any) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ShardedReplayBuffer: call torch.distributed.init_process_group first")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        if seed is not None:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seed: expected an int or None, got {seed!r}")
+            seed = seed + self.rank
+        self.local = ReplayBuffer(capacity, num_envs, seed=seed, **options)
+        self._schemas: dict[tuple, list[tuple[str, tuple[int, ...], torch.dtype]]] = {}
+
+    # ------------------------------------------------------------------ local
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        """:meth:`ReplayBuffer.add` on this rank's shard; no communication."""
+        self.local.add(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.local)
+
+    @property
+    def capacity(self) -> int:
+        """Transitions this rank's shard holds at most."""
+        return self.local.capacity
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.local.device
+
+    def __repr__(self) -> str:
+        return f"ShardedReplayBuffer(rank={self.rank}/{self.world_size}, local={self.local!r})"
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, batch_size: int, *, scope: str = "local", **options: Any) -> dict[str, Any]:
+        """``scope="local"``: :meth:`ReplayBuffer.sample` of this rank's shard. ``"global"``: B
+        transitions uniform over every rank's drawable transitions (those whose successor is
+        written), each with what the owner's ``sample`` returns (``n_step``/``gamma`` pass
+        through; ``index`` is the owner's transition id) and ``rank`` [B] int64, the owner; items
+        come grouped by owner rank. Ranks weigh by their drawable rows times lanes, so under
+        ``autoreset="next_step"`` a shard's reset rows count too (its owner draws around them). Per call the group exchanges each rank's drawable count and
+        per-owner request counts (8 bytes per rank each), then every item's bytes once (the
+        sum of its leaves' and flags' sizes), and reads the counts on the host (the split sizes
+        of the exchange): on CUDA that is one sync. Global draws are uniform; a prioritized
+        buffer samples locally."""
+        scope = self._scope(scope)
+        if scope == "local":
+            return self.local.sample(batch_size, **options)
+        batch_size = positive_int(batch_size, "batch_size", MAX_BATCH)
+        schema = self._schema(options)
+        if self.local.priority_alpha is not None:
+            raise ValueError("sample: scope='global' draws uniformly over the shards; a prioritized "
+                             "buffer samples with scope='local'")
+        device = self._device()
+        buf = self.local
+        drawable = torch.zeros(1, dtype=torch.int64, device=device)
+        if buf.index is not None:
+            adds = buf.index.state[:1]
+            drawable = (adds.clamp(max=buf.rows) - 1).clamp(min=0) * buf._lanes
+        sizes = [torch.empty_like(drawable) for _ in range(self.world_size)]
+        dist.all_gather(sizes, drawable, group=self.group)
+        sizes = torch.cat(sizes)
+        if buf.index is not None:
+            gen = buf._rng.generator
+        else:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.rank)
+        weights = sizes.to(torch.float64)
+        total = int(sizes.sum())  # host read: the split sizes below need it anyway
+        if total == 0:
+            raise ValueError("sample: no rank holds a transition yet (each needs 2 adds)")
+        owner = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
+        counts_to = torch.bincount(owner, minlength=self.world_size)
+        counts_from = torch.empty_like(counts_to)
+        dist.all_to_all_single(counts_from, counts_to, group=self.group)
+        wanted, served = counts_to.tolist(), counts_from.tolist()
+        width = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in schema)
+        if sum(served):
+            packed = _pack(flatten(buf.sample(sum(served), **options), "sample"), schema)
+        else:
+            packed = torch.empty((0, width), dtype=torch.uint8, device=device)
+        received = torch.empty((batch_size, width), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(received, packed, output_split_sizes=wanted, input_split_sizes=served,
+                               group=self.group)
+        out = unflatten(_unpack(received, schema))
+        out["rank"] = torch.repeat_interleave(torch.arange(self.world_size, device=device), counts_to)
+        return out
+
+    def episode_stats(self, last_rows: int | None = None, *, scope: str = "local") -> dict[str, torch.Tensor]:
+        """:meth:`ReplayBuffer.episode_stats` of this rank's shard, or (``scope="global"``) of
+        every rank's together: one ``all_reduce`` of the three sums (24 bytes), every rank
+        receiving the same figures."""
+        scope = self._scope(scope)
+        if scope == "local":
+            return self.local.episode_stats(last_rows)
+        self._schema(None)  # the same leaves and settings everywhere
+        buf = self.local
+        if buf.index is None:
+            if last_rows is not None:
+                positive_int(last_rows, "last_rows")
+            sums = torch.zeros(3, dtype=torch.float64, device=self._device())
+        else:
+            sums = buf._episode_sums(last_rows).clone()
+        dist.all_reduce(sums, group=self.group)
+        out = buf._stats_of(sums)
+        if buf.reward_key is not None and "mean_return" not in out:  # an empty shard
+            out["mean_return"] = torch.where(sums[0] > 0, sums[2] / sums[0], math.nan)
+        return out
+
+    # ------------------------------------------------------------------ helpers
+    def _scope(self, scope: Any) -> str:
+        if scope not in SCOPES:
+            raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+        return scope
+
+    def _device(self) -> torch.device:
+        return self.local.device or torch.device("cpu")
+
+    def _schema(self, options: dict | None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """Each rank's leaves and settings, checked to agree (once per kind of call), and the
+        layout of one sampled item for ``options``: (path, shape, dtype) per output tensor."""
+        key = None if options is None else tuple(sorted(options.items()))
+        if key in self._schemas:
+            return self._schemas[key]
+        buf = self.local
+        mine = {"settings": (buf.done_marks, buf.autoreset, buf.next_keys,
+                             buf.reward_key, buf.priority_alpha,
+                             sorted((k, str(v)) for k, v in buf.storage_dtypes.items())),
+                "specs": None if buf.specs is None else sorted((p, s.shape, str(s.dtype)) for p, s in buf.specs.items()),
+                "item": None, "error": None}
+        if options is not None and buf.num_adds >= 2:
+            try:
+                mine["item"] = _probe(buf, options)
+            except (TypeError, ValueError) as err:
+                mine["error"] = f"{type(err).__name__}: {err}"
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine, group=self.group)
+        for name in ("settings", "specs"):
+            seen = {repr(e[name]) for e in everyone if e[name] is not None}
+            if len(seen) > 1:
+                ranks = {r: e[name] for r, e in enumerate(everyone)}
+                raise ValueError(f"ShardedReplayBuffer: the ranks' {name} differ: {ranks}")
+        errors = {r: e["error"] for r, e in enumerate(everyone) if e["error"]}
+        if errors:
+            raise ValueError(f"sample: refused on ranks {errors}")
+        items = [e["item"] for e in everyone if e["item"] is not None]
+        if options is None:
+            schema: list = []
+        elif not items:
+            raise ValueError("sample: no rank holds a transition yet (each needs 2 adds)")
+        else:
+            schema = [(p, tuple(shape), getattr(torch, dtype)) for p, shape, dtype in items[0]]
+        settled = all(e["specs"] is not None for e in everyone)
+        if settled and (options is None or len(items) == self.world_size):
+            self._schemas[key] = schema  # every rank has allocated: nothing can change any more
+        return schema
+
+
+def _probe(buf: ReplayBuffer, options: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """The layout of one item of ``buf.sample(1, **options)``, drawn and then undone (the
+    generator and cursors are put back, so the shard's stream is unchanged)."""
+    gen, ix = buf._rng.generator, buf.index
+    generator_state, cursors, offset = gen.get_state(), ix.state.clone(), buf._rng.offset
+    try:
+        out = flatten(buf.sample(1, **options), "sample")
+    finally:
+        gen.set_state(generator_state)
+        ix.state.copy_(cursors)
+        buf._rng.offset = offset
+    return [(p, tuple(t.shape[1:]), str(t.dtype).removeprefix("torch.")) for p, t in out.items()]
+
+
+def _pack(flat: dict[str, torch.Tensor], schema) -> torch.Tensor:
+    """[B, item bytes] uint8: each item's tensors' bytes side by side, in schema order."""
+    parts = []
+    for path, _, dtype in schema:
+        t = flat[path]
+        if t.dtype != dtype:
+            raise ValueError(f"sample: {path!r} is {t.dtype} here and {dtype} on another rank")
+        parts.append(t.contiguous().reshape(t.shape[0], -1).view(torch.uint8))
+    return torch.cat(parts, 1) if parts else torch.empty((0, 0), dtype=torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, schema) -> dict[str, torch.Tensor]:
+    out, at = {}, 0
+    for path, shape, dtype in schema:
+        width = math.prod(shape) * dtype.itemsize
+        out[path] = packed[:, at:at + width].contiguous().view(dtype).reshape(packed.shape[0], *shape)
+        at += width
+    return out

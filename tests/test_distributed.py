@@ -1,0 +1,161 @@
+"""ShardedReplayBuffer on gloo: 2 and 4 processes on this machine, each check bounded in time.
+
+Every step carries its address: ``obs = [rank, lane, row]``, so an item fetched from another
+rank can be checked against the ``rank`` and ``index`` it comes with.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+N = 4
+#: Chi-square quantiles at 0.999 by degrees of freedom.
+CHI2_999 = {3: 16.266, 7: 24.322, 11: 31.264, 15: 37.697}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_step(rank: int, t: int, lanes: int = N) -> dict:
+    lane = torch.arange(lanes, dtype=torch.float32)
+    obs = torch.stack([torch.full((lanes,), float(rank)), lane, torch.full((lanes,), float(t))], 1)
+    return {"obs": obs, "reward": rank + 0.1 * lane + 0.01 * t}
+
+
+def make_done(rank: int, t: int, lanes: int = N) -> torch.Tensor:
+    return (torch.arange(lanes) + t + 3 * rank) % 7 == 6
+
+
+def checks(rank: int, world: int, device: torch.device) -> None:
+    from gpubuffers import ReplayBuffer
+    from gpubuffers.distributed import ShardedReplayBuffer
+
+    def step(rank, t, lanes=N):
+        return {k: v.to(device) for k, v in make_step(rank, t, lanes).items()}
+
+    def done(rank, t, lanes=N):
+        return make_done(rank, t, lanes).to(device)
+
+    # Shards of different sizes: rank r holds 10 (r + 1) rows, no episode ends.
+    buf = ShardedReplayBuffer(1000 * N, N, seed=5, done_marks="last", device=device)
+    plain = ReplayBuffer(1000 * N, N, seed=5 + rank, done_marks="last", device=device)
+    for t in range(10 * (rank + 1)):
+        buf.add(step(rank, t), torch.zeros(N, dtype=torch.bool, device=device))
+        plain.add(step(rank, t), torch.zeros(N, dtype=torch.bool, device=device))
+    # Local sampling is the plain buffer's.
+    assert torch.equal(buf.sample(64)["obs"], plain.sample(64)["obs"])
+    # Global: the exchanged rows are the rows their rank and index name.
+    counts = torch.zeros(world, N)
+    for _ in range(5):
+        out = {k: v.cpu() if isinstance(v, torch.Tensor) else {a: b.cpu() for a, b in v.items()}
+               for k, v in buf.sample(2000, scope="global").items()}
+        row, lane = out["index"] // N, out["index"] % N
+        assert out["obs"].shape == (2000, 3) and out["rank"].shape == (2000,)
+        assert torch.equal(out["obs"][:, 0], out["rank"].float())
+        assert torch.equal(out["obs"][:, 1], lane.float()) and torch.equal(out["obs"][:, 2], row.float())
+        assert torch.equal(out["next"]["obs"][:, 2], row.float() + 1) and out["next_valid"].all()
+        counts += torch.zeros(world, N).index_put_((out["rank"], lane), torch.ones(2000), accumulate=True)
+    # Uniform over the union: each (rank, lane) cell in proportion to the rank's transitions.
+    sizes = torch.tensor([(10 * (r + 1) - 1) * N for r in range(world)], dtype=torch.float64)
+    expected = (sizes / sizes.sum() / N)[:, None].expand(world, N) * counts.sum()
+    stat = float(((counts - expected) ** 2 / expected).sum())
+    assert stat < CHI2_999[world * N - 1], (stat, counts)
+    # n-step targets pass through.
+    out = buf.sample(256, scope="global", n_step=3, gamma=0.5)
+    assert {"return", "discount", "n_steps", "rank"} <= out.keys()
+
+    # Statistics over the group equal a single buffer fed every rank's rows as its lanes.
+    shard = ShardedReplayBuffer(64 * N, N, seed=1, done_marks="last", device=device)
+    whole = ReplayBuffer(64 * N * world, N * world, seed=1, done_marks="last", device=device)
+    for t in range(40):
+        shard.add(step(rank, t), done(rank, t))
+        whole.add({"obs": torch.cat([step(r, t)["obs"] for r in range(world)]),
+                   "reward": torch.cat([step(r, t)["reward"] for r in range(world)])},
+                  torch.cat([done(r, t) for r in range(world)]))
+    for last_rows in (None, 9):
+        got, want = shard.episode_stats(last_rows, scope="global"), whole.episode_stats(last_rows)
+        assert int(got["count"]) == int(want["count"]) > 0
+        assert torch.allclose(got["mean_length"], want["mean_length"])
+        assert torch.allclose(got["mean_return"], want["mean_return"])
+    local = shard.episode_stats()
+    assert int(local["count"]) < int(shard.episode_stats(scope="global")["count"])
+
+    # A rank whose leaves differ makes every rank raise, none hangs.
+    odd = ShardedReplayBuffer(16 * N, N, done_marks="last", device=device)
+    extra = {"extra": torch.zeros(N, device=device)} if rank == world - 1 else {}
+    for t in range(3):
+        odd.add({**step(rank, t), **extra}, torch.zeros(N, dtype=torch.bool, device=device))
+    try:
+        odd.sample(8, scope="global")
+    except ValueError as err:
+        assert "specs differ" in str(err), err
+    else:
+        if world > 1:
+            raise AssertionError("mismatched leaves were not refused")
+    try:
+        odd.sample(8, scope="everywhere")
+    except ValueError as err:
+        assert "scope: expected one of" in str(err)
+    else:
+        raise AssertionError("bad scope accepted")
+
+
+def worker(rank: int, world: int, port: int, backend: str, errors) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    try:
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+        checks(rank, world, device)
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def spawn(world: int, backend: str) -> None:
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(r, world, port, backend, errors)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + 150
+    for p in procs:
+        p.join(max(1.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    found = []
+    while not errors.empty():
+        found.append(errors.get())
+    assert not found, "\n".join(f"rank {r}:\n{tb}" for r, tb in found)
+    assert not alive, f"{len(alive)} ranks still running after 150 s"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_buffer_on_gloo(world):
+    spawn(world, "gloo")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
+def test_sharded_buffer_on_nccl():
+    spawn(min(torch.cuda.device_count(), 4), "nccl")
