@@ -9,7 +9,9 @@ uniform over the union of every rank's shard, the rows fetched from their owners
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any
 
 import torch
@@ -148,6 +150,61 @@ class ShardedReplayBuffer:
         if buf.reward_key is not None and "mean_return" not in out:  # an empty shard
             out["mean_return"] = torch.where(sums[0] > 0, sums[2] / sums[0], math.nan)
         return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, path: str | os.PathLike) -> None:
+        """Every rank writes its shard to ``path/rank<r>.gpub`` (:meth:`ReplayBuffer.save`:
+        atomic, checksummed) and rank 0 writes ``path/shards.json`` (world size, each rank's
+        capacity and lanes); collective: returns once every rank has written."""
+        os.makedirs(path, exist_ok=True)
+        self.local.save(os.path.join(path, f"rank{self.rank}.gpub"))
+        layout = [None] * self.world_size
+        dist.all_gather_object(layout, {"capacity": self.local.capacity, "num_envs": self.local.num_envs},
+                               group=self.group)
+        if self.rank == 0:
+            tmp = os.path.join(path, "shards.json.tmp")
+            with open(tmp, "w") as f:
+                json.dump({"format": 1, "world_size": self.world_size, "shards": layout}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(path, "shards.json"))
+        dist.barrier(group=self.group)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, group: Any = None,
+             device: str | torch.device | None = None) -> "ShardedReplayBuffer":
+        """The shards :meth:`save` wrote, one per rank of ``group`` (collective). A group of
+        another size, or a shard whose capacity or lanes differ from the layout saved, raises the
+        same ValueError on every rank, naming what differs."""
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("ShardedReplayBuffer: call torch.distributed.init_process_group first")
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        problem, local = None, None
+        try:
+            with open(os.path.join(path, "shards.json")) as f:
+                saved = json.load(f)
+            if saved.get("format") != 1:
+                problem = f"{path}: shards format {saved.get('format')!r}, this version reads 1"
+            elif saved["world_size"] != world:
+                problem = (f"{path}: saved by {saved['world_size']} ranks, this group has {world}; "
+                           f"restart with {saved['world_size']} processes")
+            else:
+                local = ReplayBuffer.load(os.path.join(path, f"rank{rank}.gpub"), device=device)
+                want = saved["shards"][rank]
+                have = {"capacity": local.capacity, "num_envs": local.num_envs}
+                if have != want:
+                    problem = f"{path}: rank {rank}'s shard holds {have}, the layout saved says {want}"
+        except (OSError, ValueError, KeyError) as err:
+            problem = f"{path}: rank {rank}: {type(err).__name__}: {err}"
+        problems: list[Any] = [None] * world
+        dist.all_gather_object(problems, problem, group=group)
+        found = [p for p in problems if p]
+        if found:
+            raise ValueError("ShardedReplayBuffer.load: " + "; ".join(dict.fromkeys(found)))
+        buf = cls.__new__(cls)
+        buf.group, buf.rank, buf.world_size, buf.local = group, rank, world, local
+        buf._schemas = {}
+        return buf
 
     # ------------------------------------------------------------------ helpers
     def _scope(self, scope: Any) -> str:

@@ -7,6 +7,7 @@ rank can be checked against the ``rank`` and ``index`` it comes with.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import time
@@ -38,7 +39,7 @@ def make_done(rank: int, t: int, lanes: int = N) -> torch.Tensor:
     return (torch.arange(lanes) + t + 3 * rank) % 7 == 6
 
 
-def checks(rank: int, world: int, device: torch.device) -> None:
+def checks(rank: int, world: int, device: torch.device, tmp: str) -> None:
     from gpubuffers import ReplayBuffer
     from gpubuffers.distributed import ShardedReplayBuffer
 
@@ -92,6 +93,29 @@ def checks(rank: int, world: int, device: torch.device) -> None:
     local = shard.episode_stats()
     assert int(local["count"]) < int(shard.episode_stats(scope="global")["count"])
 
+    # Per-rank checkpoints: the loaded group continues exactly, global draws included; a layout
+    # of another world size is refused on every rank.
+    folder = os.path.join(tmp, f"sharded{world}")
+    shard.save(folder)
+    back = ShardedReplayBuffer.load(folder, device=device)
+    for a, b in ((shard.sample(64, scope="global"), back.sample(64, scope="global")),
+                 (shard.sample(32), back.sample(32))):
+        assert torch.equal(a["obs"], b["obs"]) and torch.equal(a["index"], b["index"])
+    assert torch.equal(shard.episode_stats(scope="global")["count"], back.episode_stats(scope="global")["count"])
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(folder, "shards.json")) as f:
+            saved = json.load(f)
+        with open(os.path.join(folder, "shards.json"), "w") as f:
+            json.dump({**saved, "world_size": world + 1}, f)
+    dist.barrier()
+    try:
+        ShardedReplayBuffer.load(folder, device=device)
+    except ValueError as err:
+        assert f"saved by {world + 1} ranks, this group has {world}" in str(err), err
+    else:
+        raise AssertionError("a checkpoint of another world size was loaded")
+
     # A rank whose leaves differ makes every rank raise, none hangs.
     odd = ShardedReplayBuffer(16 * N, N, done_marks="last", device=device)
     extra = {"extra": torch.zeros(N, device=device)} if rank == world - 1 else {}
@@ -112,7 +136,7 @@ def checks(rank: int, world: int, device: torch.device) -> None:
         raise AssertionError("bad scope accepted")
 
 
-def worker(rank: int, world: int, port: int, backend: str, errors) -> None:
+def worker(rank: int, world: int, port: int, backend: str, tmp: str, errors) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     device = torch.device("cpu")
@@ -121,7 +145,7 @@ def worker(rank: int, world: int, port: int, backend: str, errors) -> None:
         torch.cuda.set_device(device)
     try:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-        checks(rank, world, device)
+        checks(rank, world, device, tmp)
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise
@@ -130,11 +154,11 @@ def worker(rank: int, world: int, port: int, backend: str, errors) -> None:
             dist.destroy_process_group()
 
 
-def spawn(world: int, backend: str) -> None:
+def spawn(world: int, backend: str, tmp: str) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(r, world, port, backend, errors)) for r in range(world)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, backend, tmp, errors)) for r in range(world)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + 150
@@ -152,10 +176,10 @@ def spawn(world: int, backend: str) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_sharded_buffer_on_gloo(world):
-    spawn(world, "gloo")
+def test_sharded_buffer_on_gloo(world, tmp_path):
+    spawn(world, "gloo", str(tmp_path))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs CUDA and NCCL")
-def test_sharded_buffer_on_nccl():
-    spawn(min(torch.cuda.device_count(), 4), "nccl")
+def test_sharded_buffer_on_nccl(tmp_path):
+    spawn(min(torch.cuda.device_count(), 4), "nccl", str(tmp_path))
