@@ -918,11 +918,15 @@ class ReplayBuffer(Lanes):
         if self._total < length:
             raise ValueError(f"length: no window of {length} rows fits in the {self.live_rows} "
                              f"live rows; add more steps first")
+        return self._windows(batch_size, length, beta, self.max_proposals)
+
+    def _windows(self, batch_size: int, length: int, beta: float | None, tries: int) -> dict[str, Any]:
+        """:meth:`sample_sequences` (checked arguments) with ``tries`` proposals per item."""
         if beta is None:
-            win = self._ops.sample_windows(self._ix, self._rng, batch_size, self.max_proposals, length)
+            win = self._ops.sample_windows(self._ix, self._rng, batch_size, tries, length)
         else:
             win = self._ops.sample_prioritized_windows(self._ix, self._tree, self._rng, batch_size,
-                                                       self.max_proposals, length, beta)
+                                                       tries, length, beta)
         out: dict[str, Any] = unflatten(self._gather(win["slots"]))
         out["is_first"] = win["is_first"]
         out["is_last"] = win["is_last"]

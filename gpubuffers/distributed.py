@@ -53,7 +53,8 @@ class ShardedReplayBuffer:
                 raise TypeError(f"seed: expected an int or None, got {seed!r}")
             seed = seed + self.rank
         self.local = ReplayBuffer(capacity, num_envs, seed=seed, **options)
-        self._schemas: dict[tuple, list[tuple[str, tuple[int, ...], torch.dtype]]] = {}
+        self._schemas: dict[str, list[tuple[str, tuple[int, ...], torch.dtype]]] = {}
+        self._empty_generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ local
     def add(self, *args: Any, **kwargs: Any) -> None:
@@ -91,43 +92,58 @@ class ShardedReplayBuffer:
         if scope == "local":
             return self.local.sample(batch_size, **options)
         batch_size = positive_int(batch_size, "batch_size", MAX_BATCH)
-        schema = self._schema(options)
-        if self.local.priority_alpha is not None:
-            raise ValueError("sample: scope='global' draws uniformly over the shards; a prioritized "
-                             "buffer samples with scope='local'")
-        device = self._device()
-        buf = self.local
-        drawable = torch.zeros(1, dtype=torch.int64, device=device)
-        if buf.index is not None:
-            adds = buf.index.state[:1]
-            drawable = (adds.clamp(max=buf.rows) - 1).clamp(min=0) * buf._lanes
-        sizes = [torch.empty_like(drawable) for _ in range(self.world_size)]
-        dist.all_gather(sizes, drawable, group=self.group)
-        sizes = torch.cat(sizes)
-        if buf.index is not None:
-            gen = buf._rng.generator
-        else:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.rank)
-        weights = sizes.to(torch.float64)
-        total = int(sizes.sum())  # host read: the split sizes below need it anyway
-        if total == 0:
-            raise ValueError("sample: no rank holds a transition yet (each needs 2 adds)")
-        owner = torch.multinomial(weights, batch_size, replacement=True, generator=gen)
-        counts_to = torch.bincount(owner, minlength=self.world_size)
-        counts_from = torch.empty_like(counts_to)
-        dist.all_to_all_single(counts_from, counts_to, group=self.group)
-        wanted, served = counts_to.tolist(), counts_from.tolist()
+        schema = self._schema(("transitions", sorted(options.items())), lambda buf: buf.sample(1, **options), 2)
+        device, buf = self._device(), self.local
+        sizes = self._proposals("sample", 2, device)
+        owner = torch.multinomial(sizes.to(torch.float64), batch_size, replacement=True,
+                                  generator=self._generator(device))
         width = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in schema)
-        if sum(served):
-            packed = _pack(flatten(buf.sample(sum(served), **options), "sample"), schema)
-        else:
-            packed = torch.empty((0, width), dtype=torch.uint8, device=device)
-        received = torch.empty((batch_size, width), dtype=torch.uint8, device=device)
-        dist.all_to_all_single(received, packed, output_split_sizes=wanted, input_split_sizes=served,
-                               group=self.group)
+        received = self._exchange(owner, lambda n: buf.sample(n, **options), schema, width, device)
         out = unflatten(_unpack(received, schema))
-        out["rank"] = torch.repeat_interleave(torch.arange(self.world_size, device=device), counts_to)
+        out["rank"] = torch.sort(owner).values
+        return out
+
+    def sample_sequences(self, batch_size: int, length: int, *, scope: str = "local",
+                         **options: Any) -> dict[str, Any]:
+        """``scope="local"``: :meth:`ReplayBuffer.sample_sequences` of this rank's shard.
+        ``"global"``: B windows uniform over every rank's admissible windows, with ``rank`` [B]:
+        in rounds, each still-unfilled item picks an owner in proportion to the owner's window
+        proposals (live rows - L + 1, times its lanes) and the owner draws one proposal, returned
+        with its admissibility; after at most ``max_proposals`` rounds (fewer when every item is
+        filled, agreed with an ``all_reduce``) the items still rejected come back
+        ``valid=False``, as locally. Each round exchanges the counts as :meth:`sample` does, the
+        proposals' bytes, and 8 bytes for the agreement."""
+        scope = self._scope(scope)
+        if scope == "local":
+            return self.local.sample_sequences(batch_size, length, **options)
+        batch_size = positive_int(batch_size, "batch_size", MAX_BATCH)
+        length = positive_int(length, "length")
+        if options:
+            raise TypeError(f"sample_sequences: scope='global' takes no options, got {sorted(options)}")
+        schema = self._schema(("sequences", length), lambda buf: buf.sample_sequences(1, length), length)
+        device, buf = self._device(), self.local
+        sizes = self._proposals("sample_sequences", length, device)
+        gen = self._generator(device)
+        width = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in schema)
+        valid_at = _offset_of(schema, "valid")
+        result = torch.zeros((batch_size, width), dtype=torch.uint8, device=device)
+        rank = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        pending = torch.arange(batch_size, device=device)
+        for _ in range(buf.max_proposals):
+            owner = torch.multinomial(sizes.to(torch.float64), pending.numel(), replacement=True, generator=gen) \
+                if pending.numel() else torch.zeros(0, dtype=torch.int64, device=device)
+            order = torch.argsort(owner, stable=True)
+            received = self._exchange(owner, lambda n: buf._windows(n, length, None, 1), schema, width, device)
+            filled = pending[order]
+            result[filled] = received
+            rank[filled] = owner[order]
+            pending = filled[received[:, valid_at] == 0]
+            left = torch.tensor([pending.numel()], dtype=torch.int64, device=device)
+            dist.all_reduce(left, group=self.group)
+            if int(left) == 0:
+                break
+        out = unflatten(_unpack(result, schema))
+        out["rank"] = rank
         return out
 
     def episode_stats(self, last_rows: int | None = None, *, scope: str = "local") -> dict[str, torch.Tensor]:
@@ -137,7 +153,7 @@ class ShardedReplayBuffer:
         scope = self._scope(scope)
         if scope == "local":
             return self.local.episode_stats(last_rows)
-        self._schema(None)  # the same leaves and settings everywhere
+        self._schema("stats")  # the same leaves and settings everywhere
         buf = self.local
         if buf.index is None:
             if last_rows is not None:
@@ -203,10 +219,55 @@ class ShardedReplayBuffer:
             raise ValueError("ShardedReplayBuffer.load: " + "; ".join(dict.fromkeys(found)))
         buf = cls.__new__(cls)
         buf.group, buf.rank, buf.world_size, buf.local = group, rank, world, local
-        buf._schemas = {}
+        buf._schemas, buf._empty_generator = {}, None
         return buf
 
     # ------------------------------------------------------------------ helpers
+    def _proposals(self, what: str, span: int, device: torch.device) -> torch.Tensor:
+        """[world] int64: each rank's uniform proposals of ``span`` consecutive rows (``span=2``:
+        transitions whose successor is written), all-gathered; read on the host once (the split
+        sizes of the exchange need it anyway) to refuse a group with none."""
+        if self.local.priority_alpha is not None:
+            raise ValueError(f"{what}: scope='global' draws uniformly over the shards; a prioritized "
+                             f"buffer samples with scope='local'")
+        buf = self.local
+        mine = torch.zeros(1, dtype=torch.int64, device=device)
+        if buf.index is not None and span <= buf.rows:
+            mine = (buf.index.state[:1].clamp(max=buf.rows) - span + 1).clamp(min=0) * buf._lanes
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=self.group)
+        sizes = torch.cat(parts)
+        if int(sizes.sum()) == 0:
+            raise ValueError(f"{what}: no rank holds {span} rows yet")
+        return sizes
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The shard's own generator (draws of owners advance its stream); a fixed one while the
+        shard is empty."""
+        if self.local.index is not None:
+            return self.local._rng.generator
+        if self._empty_generator is None:
+            self._empty_generator = torch.Generator(device=device)
+            self._empty_generator.manual_seed(self.rank)
+        return self._empty_generator
+
+    def _exchange(self, owner: torch.Tensor, draw, schema, width: int, device: torch.device) -> torch.Tensor:
+        """Items for ``owner`` [n] (each item's owning rank): request counts go out, every rank
+        draws what it was asked for with ``draw(count)``, and the packed items come back grouped
+        by owner ([n, width] uint8, in the order of ``torch.sort(owner)``)."""
+        counts_to = torch.bincount(owner, minlength=self.world_size)
+        counts_from = torch.empty_like(counts_to)
+        dist.all_to_all_single(counts_from, counts_to, group=self.group)
+        wanted, served = counts_to.tolist(), counts_from.tolist()
+        if sum(served):
+            packed = _pack(flatten(draw(sum(served)), "sample"), schema)
+        else:
+            packed = torch.empty((0, width), dtype=torch.uint8, device=device)
+        received = torch.empty((owner.numel(), width), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(received, packed, output_split_sizes=wanted, input_split_sizes=served,
+                               group=self.group)
+        return received
+
     def _scope(self, scope: Any) -> str:
         if scope not in SCOPES:
             raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
@@ -215,10 +276,11 @@ class ShardedReplayBuffer:
     def _device(self) -> torch.device:
         return self.local.device or torch.device("cpu")
 
-    def _schema(self, options: dict | None) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    def _schema(self, kind: Any, probe=None, adds_needed: int = 2) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """Each rank's leaves and settings, checked to agree (once per kind of call), and the
-        layout of one sampled item for ``options``: (path, shape, dtype) per output tensor."""
-        key = None if options is None else tuple(sorted(options.items()))
+        layout of one item that ``probe(local buffer)`` samples: (path, shape, dtype) per output
+        tensor (none for ``probe=None``)."""
+        key = repr(kind)
         if key in self._schemas:
             return self._schemas[key]
         buf = self.local
@@ -227,9 +289,9 @@ class ShardedReplayBuffer:
                              sorted((k, str(v)) for k, v in buf.storage_dtypes.items())),
                 "specs": None if buf.specs is None else sorted((p, s.shape, str(s.dtype)) for p, s in buf.specs.items()),
                 "item": None, "error": None}
-        if options is not None and buf.num_adds >= 2:
+        if probe is not None and buf.num_adds >= adds_needed:
             try:
-                mine["item"] = _probe(buf, options)
+                mine["item"] = _probe(buf, probe)
             except (TypeError, ValueError) as err:
                 mine["error"] = f"{type(err).__name__}: {err}"
         everyone: list[Any] = [None] * self.world_size
@@ -243,25 +305,25 @@ class ShardedReplayBuffer:
         if errors:
             raise ValueError(f"sample: refused on ranks {errors}")
         items = [e["item"] for e in everyone if e["item"] is not None]
-        if options is None:
+        if probe is None:
             schema: list = []
         elif not items:
-            raise ValueError("sample: no rank holds a transition yet (each needs 2 adds)")
+            raise ValueError(f"sample: no rank holds enough rows yet ({adds_needed} adds)")
         else:
             schema = [(p, tuple(shape), getattr(torch, dtype)) for p, shape, dtype in items[0]]
         settled = all(e["specs"] is not None for e in everyone)
-        if settled and (options is None or len(items) == self.world_size):
+        if settled and (probe is None or len(items) == self.world_size):
             self._schemas[key] = schema  # every rank has allocated: nothing can change any more
         return schema
 
 
-def _probe(buf: ReplayBuffer, options: dict) -> list[tuple[str, tuple[int, ...], str]]:
-    """The layout of one item of ``buf.sample(1, **options)``, drawn and then undone (the
-    generator and cursors are put back, so the shard's stream is unchanged)."""
+def _probe(buf: ReplayBuffer, draw) -> list[tuple[str, tuple[int, ...], str]]:
+    """The layout of one item ``draw(buf)`` samples, drawn and then undone (the generator and
+    cursors are put back, so the shard's stream is unchanged)."""
     gen, ix = buf._rng.generator, buf.index
     generator_state, cursors, offset = gen.get_state(), ix.state.clone(), buf._rng.offset
     try:
-        out = flatten(buf.sample(1, **options), "sample")
+        out = flatten(draw(buf), "sample")
     finally:
         gen.set_state(generator_state)
         ix.state.copy_(cursors)
@@ -278,6 +340,16 @@ def _pack(flat: dict[str, torch.Tensor], schema) -> torch.Tensor:
             raise ValueError(f"sample: {path!r} is {t.dtype} here and {dtype} on another rank")
         parts.append(t.contiguous().reshape(t.shape[0], -1).view(torch.uint8))
     return torch.cat(parts, 1) if parts else torch.empty((0, 0), dtype=torch.uint8)
+
+
+def _offset_of(schema, name: str) -> int:
+    """Byte offset of the (one-byte) tensor ``name`` in a packed item."""
+    at = 0
+    for path, shape, dtype in schema:
+        if path == name:
+            return at
+        at += math.prod(shape) * dtype.itemsize
+    raise KeyError(name)
 
 
 def _unpack(packed: torch.Tensor, schema) -> dict[str, torch.Tensor]:

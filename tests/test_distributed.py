@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 
 N = 4
 #: Chi-square quantiles at 0.999 by degrees of freedom.
-CHI2_999 = {3: 16.266, 7: 24.322, 11: 31.264, 15: 37.697}
+CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 7: 24.322, 11: 31.264, 15: 37.697}
 
 
 def free_port() -> int:
@@ -90,6 +90,37 @@ def checks(rank: int, world: int, device: torch.device, tmp: str) -> None:
         assert int(got["count"]) == int(want["count"]) > 0
         assert torch.allclose(got["mean_length"], want["mean_length"])
         assert torch.allclose(got["mean_return"], want["mean_return"])
+    # Global windows: uniform over every rank's admissible windows. Rank r's episodes last 2 + 2r
+    # rows ("last" marks, 40 rows, no wrap), so the ranks' shares of windows of 3 rows differ from
+    # their shares of rows (rank 0 has none): drawing owners by rows alone would be biased.
+    L = 3
+
+    def seq_done(r, t):
+        return torch.full((N,), (t + 1) % (2 + 2 * r) == 0)
+
+    seq = ShardedReplayBuffer(64 * N, N, seed=2, done_marks="last", device=device)
+    for t in range(40):
+        seq.add(step(rank, t), seq_done(rank, t).to(device))
+    admissible = torch.zeros(world)
+    for r in range(world):
+        ends = torch.stack([seq_done(r, t) for t in range(40)])  # [T, N]
+        for t in range(L - 1, 40):
+            admissible[r] += int((~ends[t - L + 1:t].any(0)).sum())
+    per_rank = torch.zeros(world)
+    for _ in range(3):
+        win = {k: v.cpu() for k, v in seq.sample_sequences(2000, L, scope="global").items()}
+        ok = win["valid"]  # an item is left unfilled only if 32 rounds of proposals all failed
+        assert ok.float().mean() > 0.99 and win["rank"].shape == (2000,)
+        obs, rows, owner = win["obs"][ok], (win["index"] // N)[ok], win["rank"][ok]
+        assert torch.equal(obs[:, :, 0], owner[:, None].float().expand(-1, L))
+        assert torch.equal(obs[:, :, 2], rows.float()) and (rows[:, 1:] - rows[:, :-1] == 1).all()
+        assert not win["is_first"][ok][:, 1:].any() and not win["is_last"][ok][:, :-1].any()
+        per_rank += torch.bincount(owner, minlength=world)
+    assert per_rank[0] == 0
+    expected = admissible[1:] / admissible.sum() * per_rank.sum()
+    stat = float(((per_rank[1:] - expected) ** 2 / expected).sum())
+    assert world <= 2 or stat < CHI2_999[world - 2], (stat, per_rank, expected)
+
     local = shard.episode_stats()
     assert int(local["count"]) < int(shard.episode_stats(scope="global")["count"])
 
