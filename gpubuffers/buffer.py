@@ -657,6 +657,7 @@ class ReplayBuffer(Lanes):
 
     def _mirror_commit(self, mirrored: Any) -> None:
         if isinstance(mirrored, _Step):
+            self.sync_mirror()  # rows staged earlier go first
             self.mirror._commit(mirrored)
             return
         self._pending.append(mirrored)
