@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
-from . import checkpoint, layout, memory, ops
+from . import checkpoint, layout, memory, ops, reference
 from .layout import STATE_ADDS, STATE_OFFSET, TRUNCATED
 from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids, transition_links
 from .specs import LeafSpec, as_tensor, carrier, check_leaf, flatten, resolve_device, unflatten
@@ -920,6 +920,22 @@ class ReplayBuffer(Lanes):
             raise ValueError(f"length: no window of {length} rows fits in the {self.live_rows} "
                              f"live rows; add more steps first")
         return self._windows(batch_size, length, beta, self.max_proposals)
+
+    def _window_proposals(self, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` uniform window proposals of ``length`` rows (as :func:`reference.window_ends`
+        takes them) from the buffer's generator, and whether each is admissible."""
+        live, oldest = live_span(self._ix)
+        proposals = reference.uniform_below(self._rng, (count, 1), (live - length + 1) * self._lanes)
+        return proposals[:, 0], reference.window_ends(self._ix, proposals, oldest, length)[2]
+
+    def _windows_at(self, proposals: torch.Tensor, length: int) -> dict[str, Any]:
+        """The windows of :meth:`sample_sequences` at given proposals [B] (from
+        :meth:`_window_proposals`, the cursors unchanged since)."""
+        win = reference.windows(self._ix, proposals[:, None], live_span(self._ix)[1], length)
+        out: dict[str, Any] = unflatten(self._gather(win["slots"]))
+        for key in ("is_first", "is_last", "valid", "index"):
+            out[key] = win[key]
+        return out
 
     def _windows(self, batch_size: int, length: int, beta: float | None, tries: int) -> dict[str, Any]:
         """:meth:`sample_sequences` (checked arguments) with ``tries`` proposals per item."""

@@ -23,6 +23,9 @@ from .steps import positive_int
 
 SCOPES = ("local", "global")
 
+#: Window proposals asked for each unfilled item per round of a global ``sample_sequences``.
+PROPOSALS_PER_ROUND = 4
+
 
 class ShardedReplayBuffer:
     """A :class:`~gpubuffers.ReplayBuffer` shard per rank of ``group`` (default: the world).
@@ -107,12 +110,13 @@ class ShardedReplayBuffer:
                          **options: Any) -> dict[str, Any]:
         """``scope="local"``: :meth:`ReplayBuffer.sample_sequences` of this rank's shard.
         ``"global"``: B windows uniform over every rank's admissible windows, with ``rank`` [B]:
-        in rounds, each still-unfilled item picks an owner in proportion to the owner's window
-        proposals (live rows - L + 1, times its lanes) and the owner draws one proposal, returned
-        with its admissibility; after at most ``max_proposals`` rounds (fewer when every item is
-        filled, agreed with an ``all_reduce``) the items still rejected come back
-        ``valid=False``, as locally. Each round exchanges the counts as :meth:`sample` does, the
-        proposals' bytes, and 8 bytes for the agreement."""
+        in rounds, each still-unfilled item asks ``PROPOSALS_PER_ROUND`` (4) proposals of owners
+        drawn in proportion to their window proposals (live rows - L + 1, times their lanes), the
+        owners answer with each proposal and its admissibility (9 bytes), the item keeps its first
+        admissible one, and the ranks agree with an ``all_reduce`` whether any item is left; after
+        ``max_proposals`` proposals per item the items left come back ``valid=False``, as locally.
+        Then one exchange sends each owner the proposals kept (8 bytes each) and brings back their
+        windows' bytes."""
         scope = self._scope(scope)
         if scope == "local":
             return self.local.sample_sequences(batch_size, length, **options)
@@ -122,26 +126,41 @@ class ShardedReplayBuffer:
             raise TypeError(f"sample_sequences: scope='global' takes no options, got {sorted(options)}")
         schema = self._schema(("sequences", length), lambda buf: buf.sample_sequences(1, length), length)
         device, buf = self._device(), self.local
-        sizes = self._proposals("sample_sequences", length, device)
+        sizes = self._proposals("sample_sequences", length, device).to(torch.float64)
         gen = self._generator(device)
         width = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in schema)
-        valid_at = _offset_of(schema, "valid")
-        result = torch.zeros((batch_size, width), dtype=torch.uint8, device=device)
-        rank = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        answer = [("proposal", (), torch.int64), ("ok", (), torch.bool)]
+        owner = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        chosen = torch.zeros(batch_size, dtype=torch.int64, device=device)
         pending = torch.arange(batch_size, device=device)
-        for _ in range(buf.max_proposals):
-            owner = torch.multinomial(sizes.to(torch.float64), pending.numel(), replacement=True, generator=gen) \
-                if pending.numel() else torch.zeros(0, dtype=torch.int64, device=device)
-            order = torch.argsort(owner, stable=True)
-            received = self._exchange(owner, lambda n: buf._windows(n, length, None, 1), schema, width, device)
-            filled = pending[order]
-            result[filled] = received
-            rank[filled] = owner[order]
-            pending = filled[received[:, valid_at] == 0]
+        m = PROPOSALS_PER_ROUND
+        for _ in range(-(-buf.max_proposals // m)):
+            # m proposals for each pending item, owners drawn by their proposal counts; the owners
+            # answer with the proposal and its admissibility (9 bytes each).
+            k = pending.numel()
+            asked = (torch.multinomial(sizes, k * m, replacement=True, generator=gen) if k
+                     else torch.zeros(0, dtype=torch.int64, device=device))
+            got = self._exchange(asked, lambda n: dict(zip(("proposal", "ok"), buf._window_proposals(n, length))),
+                                 answer, 9, device)
+            back = torch.empty_like(got)
+            back[torch.argsort(asked, stable=True)] = got
+            found = _unpack(back, answer)
+            ok = found["ok"].view(k, m)
+            pick = ok.to(torch.uint8).argmax(1)  # the first admissible (the first one if none)
+            at = torch.arange(k, device=device) * m + pick
+            owner[pending] = asked[at]
+            chosen[pending] = found["proposal"][at]
+            pending = pending[~ok.any(1)]
             left = torch.tensor([pending.numel()], dtype=torch.int64, device=device)
             dist.all_reduce(left, group=self.group)
             if int(left) == 0:
                 break
+        # Each owner returns the chosen windows (unfilled items: their first proposal, valid=False).
+        order = torch.argsort(owner, stable=True)
+        result = torch.empty((batch_size, width), dtype=torch.uint8, device=device)
+        result[order] = self._exchange(owner, lambda proposals: buf._windows_at(proposals, length), schema, width,
+                                       device, payload=chosen[order])
+        rank = owner
         out = unflatten(_unpack(result, schema))
         out["rank"] = rank
         return out
@@ -251,16 +270,23 @@ class ShardedReplayBuffer:
             self._empty_generator.manual_seed(self.rank)
         return self._empty_generator
 
-    def _exchange(self, owner: torch.Tensor, draw, schema, width: int, device: torch.device) -> torch.Tensor:
+    def _exchange(self, owner: torch.Tensor, draw, schema, width: int, device: torch.device,
+                  payload: torch.Tensor | None = None) -> torch.Tensor:
         """Items for ``owner`` [n] (each item's owning rank): request counts go out, every rank
-        draws what it was asked for with ``draw(count)``, and the packed items come back grouped
-        by owner ([n, width] uint8, in the order of ``torch.sort(owner)``)."""
+        draws what it was asked for with ``draw(count)`` (with ``payload``, [n] int64 in owner
+        order, ``draw(the payloads it was sent)``), and the packed items come back grouped by
+        owner ([n, width] uint8, in the order of ``torch.sort(owner)``)."""
         counts_to = torch.bincount(owner, minlength=self.world_size)
         counts_from = torch.empty_like(counts_to)
         dist.all_to_all_single(counts_from, counts_to, group=self.group)
         wanted, served = counts_to.tolist(), counts_from.tolist()
+        request: Any = sum(served)
+        if payload is not None:
+            request = torch.empty(sum(served), dtype=torch.int64, device=device)
+            dist.all_to_all_single(request, payload, output_split_sizes=served, input_split_sizes=wanted,
+                                   group=self.group)
         if sum(served):
-            packed = _pack(flatten(draw(sum(served)), "sample"), schema)
+            packed = _pack(flatten(draw(request), "sample"), schema)
         else:
             packed = torch.empty((0, width), dtype=torch.uint8, device=device)
         received = torch.empty((owner.numel(), width), dtype=torch.uint8, device=device)
@@ -356,6 +382,9 @@ def _unpack(packed: torch.Tensor, schema) -> dict[str, torch.Tensor]:
     out, at = {}, 0
     for path, shape, dtype in schema:
         width = math.prod(shape) * dtype.itemsize
-        out[path] = packed[:, at:at + width].contiguous().view(dtype).reshape(packed.shape[0], *shape)
+        # A fresh [n, width] copy: a column slice may keep the packed row stride (n == 1), which
+        # a view to a wider dtype refuses.
+        part = packed.new_empty((packed.shape[0], width)).copy_(packed[:, at:at + width])
+        out[path] = part.view(dtype).reshape(packed.shape[0], *shape)
         at += width
     return out
