@@ -931,11 +931,7 @@ class ReplayBuffer(Lanes):
     def _windows_at(self, proposals: torch.Tensor, length: int) -> dict[str, Any]:
         """The windows of :meth:`sample_sequences` at given proposals [B] (from
         :meth:`_window_proposals`, the cursors unchanged since)."""
-        win = reference.windows(self._ix, proposals[:, None], live_span(self._ix)[1], length)
-        out: dict[str, Any] = unflatten(self._gather(win["slots"]))
-        for key in ("is_first", "is_last", "valid", "index"):
-            out[key] = win[key]
-        return out
+        return self._window_batch(reference.windows(self._ix, proposals[:, None], live_span(self._ix)[1], length))
 
     def _windows(self, batch_size: int, length: int, beta: float | None, tries: int) -> dict[str, Any]:
         """:meth:`sample_sequences` (checked arguments) with ``tries`` proposals per item."""
@@ -944,13 +940,15 @@ class ReplayBuffer(Lanes):
         else:
             win = self._ops.sample_prioritized_windows(self._ix, self._tree, self._rng, batch_size,
                                                        tries, length, beta)
+        return self._window_batch(win)
+
+    def _window_batch(self, win: dict[str, Any]) -> dict[str, Any]:
+        """A :meth:`sample_sequences` batch from drawn windows: every leaf at their slots, their
+        flags and ids, and the weights of prioritized draws."""
         out: dict[str, Any] = unflatten(self._gather(win["slots"]))
-        out["is_first"] = win["is_first"]
-        out["is_last"] = win["is_last"]
-        out["valid"] = win["valid"]
-        out["index"] = win["index"]
-        if beta is not None:
-            out["weight"] = win["weight"]
+        for key in ("is_first", "is_last", "valid", "index", "weight"):
+            if key in win:
+                out[key] = win[key]
         return out
 
     def update_priorities(self, index: Any, priority: Any, *, check: bool = False) -> None:
