@@ -18,9 +18,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict",
-                 "mujoco", "imageio", "safetensors"],
+                 "mujoco", "imageio", "safetensors", "minari>=0.5", "pyarrow"],
         # ReplayBuffer.save / ReplayBuffer.load write and read safetensors files.
         "checkpoint": ["safetensors"],
+        # Export to and import from Minari datasets (gpubuffers.offline), stored as Arrow files.
+        "minari": ["minari>=0.5", "pyarrow", "gymnasium>=1.0"],
         "bench": ["matplotlib", "pytest-benchmark", "torchrl", "tensordict"],
         # The examples' progress bars and learning curves (they run without them too), and the
         # MuJoCo simulator behind gymnasium's HalfCheetah-v5 (examples/td3.py --env halfcheetah).

@@ -1,7 +1,9 @@
 """W8: windows per second from a shared-memory buffer through DataLoader worker processes;
-W9: the cost of an add that also writes a host mirror.
+W9: the cost of an add that also writes a host mirror; W11: windows per second from a disk buffer
+through workers.
 
-``python -m bench.workers [--quick] [--capacity LOG2] [--workers 0,1,2,4] [--device DEV] [--out DIR]``
+``python -m bench.workers [--quick] [--capacity LOG2] [--workers 0,1,2,4] [--device DEV] [--out DIR]
+[--disk-capacity LOG2] [--disk-path FOLDER]``
 
 A CPU buffer with ``storage="shared"`` (N=1024 lanes, obs float32[64], action float32[12],
 episodes of 50-150 rows) is filled past one wrap; then a ``BufferDataset`` of
@@ -10,6 +12,11 @@ process adds one row per batch received, as a training loop does. The baseline i
 (the main process samples), measured in the same run; each figure is windows per second over
 the batches after a warm-up, and the share of windows a worker returned ``valid=False`` because
 the ring overwrote them while they were read.
+
+W11 fills a disk buffer (``storage="disk"``, memory-mapped files, the same steps, 2^24 slots;
+quick: 2^18) and reads the same windows from it with 0, 2 and 4 workers, against the in-process
+sampling of a shared buffer of the same size filled with the same rows (the baseline), in the
+same run.
 
 W9 times ``add`` (N=4096 lanes, obs float32[64], action float32[12], reward, flags and final
 observations) of a 2^20-slot buffer on ``--device`` with a 2^22-slot CPU mirror in shared memory
@@ -21,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import tempfile
 import time
 
 import torch
@@ -34,8 +43,8 @@ from .timing import interleaved
 LANES, OBS, ACT, BATCH, LENGTH = 1024, 64, 12, 256, 32
 
 
-def filled(capacity: int, seed: int = 0) -> tuple[ReplayBuffer, "Stepper"]:
-    buf = ReplayBuffer(capacity, LANES, storage="shared", done_marks="last", seed=seed)
+def filled(capacity: int, seed: int = 0, storage: str = "shared", **where) -> tuple[ReplayBuffer, "Stepper"]:
+    buf = ReplayBuffer(capacity, LANES, storage=storage, done_marks="last", seed=seed, **where)
     stepper = Stepper(seed)
     for _ in range(buf.rows + buf.rows // 4):
         stepper.add(buf)
@@ -118,6 +127,8 @@ def main() -> None:
     p.add_argument("--workers", default="0,1,2", help="worker counts, comma-separated (0 is the baseline)")
     p.add_argument("--device", default=None, help="W9's buffer device (default: cuda when available, else cpu)")
     p.add_argument("--out", default=None, help="folder for workers_cpu.csv (default bench/results)")
+    p.add_argument("--disk-capacity", type=int, default=None, help="log2 of W11's capacity (default 24, quick 18)")
+    p.add_argument("--disk-path", default=None, help="where W11's disk buffer is written (default: the temp folder)")
     args = p.parse_args()
     from .__main__ import provenance
 
@@ -149,6 +160,41 @@ def main() -> None:
           f"({mirror['mirror_adds']} rows reached the mirror)")
     tag = "cuda" if device.type == "cuda" else "cpu"
     print(f"wrote {write_rows(out, f'mirror_{tag}.csv', [mirror], prov)}")
+    run_disk(args, out, batches, warmup)
+
+
+def run_disk(args, out: str, batches: int, warmup: int) -> None:
+    """W11: windows/s from a disk buffer with 0, 2, 4 workers against a shared buffer sampled in
+    the main process, both holding the same rows."""
+    from .__main__ import provenance
+
+    capacity = 1 << (args.disk_capacity or (18 if args.quick else 24))
+    folder = tempfile.mkdtemp(prefix="gpubuffers-w11-", dir=args.disk_path)
+    prov = provenance(torch.device("cpu"))
+    try:
+        began = time.perf_counter()
+        shared, stepper = filled(capacity)
+        rows = [dict(measure(shared, stepper, 0, batches, warmup), storage="shared")]
+        del shared
+        fill_s = time.perf_counter() - began
+        disk, stepper = filled(capacity, storage="disk", path=os.path.join(folder, "buffer"))
+        for k in (0, 2, 4):
+            rows.append(dict(measure(disk, stepper, k, batches, warmup), storage="disk"))
+        disk_bytes = sum(os.path.getsize(os.path.join(folder, "buffer", f))
+                         for f in os.listdir(os.path.join(folder, "buffer")))
+        disk.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    base = rows[0]["windows_per_s"]
+    print(f"\n# W11 on {prov['device']}: sample_sequences({BATCH}, {LENGTH}) from a disk buffer of "
+          f"{capacity} slots ({disk_bytes / 2**30:.2f} GiB of files), one add per batch; baseline: "
+          f"a shared buffer of the same rows sampled in the main process (filled in {fill_s:.0f} s)\n")
+    print("| storage | workers | windows/s vs shared, 0 workers | windows returned invalid |")
+    print("|---|---|---|---|")
+    for r in rows:
+        r["vs_baseline"] = r["windows_per_s"] / base
+        print(f"| {r['storage']} | {r['workers']} | {r['vs_baseline']:.2f}x | {100 * r['invalid_share']:.3f}% |")
+    print(f"wrote {write_rows(out, 'disk_cpu.csv', [{'capacity': capacity, **r} for r in rows], prov)}")
 
 if __name__ == "__main__":
     main()

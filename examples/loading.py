@@ -1,8 +1,10 @@
-"""The old ``buffers`` multi-process loading notebook, redone: a CPU buffer in shared memory
-holding Pendulum steps with rendered images, read as ``[512, 8]`` windows through
-``DataLoader`` worker processes, while the main process keeps adding.
+"""The old ``buffers`` multi-process loading notebook, redone: a CPU buffer on disk (memory-mapped
+files; or in shared memory with ``--storage shared``) holding Pendulum steps with rendered
+images, read as ``[512, 8]`` windows through ``DataLoader`` worker processes, while the main
+process keeps adding.
 
     python examples/loading.py [--workers 0,2,4] [--num-envs 64] [--steps 200000] [--batches 50]
+                               [--storage disk|shared] [--path FOLDER]
 
 Prints the windows per second of each worker count (0: the main process samples), the share of
 windows a worker returned ``valid=False`` (overwritten while read) and checks every window.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -35,10 +38,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--length", type=int, default=8)
     p.add_argument("--batches", type=int, default=50, help="batches timed per worker count")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--storage", choices=("disk", "shared"), default="disk")
+    p.add_argument("--path", default=None, help="folder of the disk buffer (default: a temporary one, "
+                   "removed at the end); an existing disk buffer there is replaced")
     args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="gpubuffers-loading-") as tmp:
+        return run(args, args.path or os.path.join(tmp, "buffer"))
+
+
+def run(args: argparse.Namespace, path: str) -> list[dict]:
     n = args.num_envs
     env = Pendulum(n, "cpu", seed=args.seed)
-    buf = ReplayBuffer(args.steps, n, device="cpu", storage="shared", done_marks="last", seed=args.seed)
+    where = dict(path=path, overwrite=True) if args.storage == "disk" else {}
+    buf = ReplayBuffer(args.steps, n, device="cpu", storage=args.storage, done_marks="last", seed=args.seed,
+                       **where)
     gen = torch.Generator().manual_seed(args.seed)
     obs = env.reset()
 
@@ -71,6 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         del it
         results.append({"workers": workers, "windows_per_s": rate, "invalid": invalid / windows})
         print(f"{workers} workers: {rate:,.0f} windows/s ({100 * invalid / windows:.3f}% overwritten while read)")
+    buf.close()  # a disk buffer: flushed, and ReplayBuffer.open(path) reads it again
     return results
 
 

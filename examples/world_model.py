@@ -2,20 +2,21 @@
 
 The old ``buffers`` workflow of a small fast buffer in front of a large dataset, sampled by
 DataLoader worker processes: Pendulum lanes step on ``--device`` and are added to a ring there
-(``ReplayBuffer(..., mirror=tier)``), which writes every row to a larger CPU tier in shared memory
-as well. A GRU learns to predict the next observation from windows of (observation, action)
+(``ReplayBuffer(..., mirror=tier)``), which writes every row to a larger CPU tier as well: a disk
+buffer (memory-mapped files that outlive the run; ``--tier shared`` keeps it in shared memory). A GRU learns to predict the next observation from windows of (observation, action)
 drawn from the tier's whole history by ``--workers`` worker processes, and is scored on windows
 of the newest rows drawn from the ring, against predicting no change (the next observation
 equal to the current one), in the same run. Random actions, so the data does not depend on the
 model.
 
-    python examples/world_model.py [--device cuda] [--num-envs 256] [--workers 2]
+    python examples/world_model.py [--device cuda] [--num-envs 256] [--workers 2] [--tier disk|shared]
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -69,13 +70,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tier-rows", type=int, default=4096, help="rows per lane of the host tier")
     p.add_argument("--target-ratio", type=float, default=0.01,
                    help="stop once the model's error on the newest rows is this fraction of no-change's")
+    p.add_argument("--tier", choices=("disk", "shared"), default="disk")
+    p.add_argument("--tier-path", default=None, help="folder of the disk tier (default: a temporary one, "
+                   "removed at the end); an existing disk buffer there is replaced")
     args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="gpubuffers-tier-") as tmp:
+        return run(args, args.tier_path or os.path.join(tmp, "tier"))
+
+
+def run(args, tier_path: str) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     env = Pendulum(args.num_envs, device, seed=args.seed)
     n = args.num_envs
-    tier = ReplayBuffer(args.tier_rows * n, n, device="cpu", storage="shared", done_marks="last",
-                        seed=args.seed)
+    where = dict(path=tier_path, overwrite=True) if args.tier == "disk" else {}
+    tier = ReplayBuffer(args.tier_rows * n, n, device="cpu", storage=args.tier, done_marks="last",
+                        seed=args.seed, **where)
     ring = ReplayBuffer(args.ring_rows * n, n, device=device, done_marks="last", seed=args.seed, mirror=tier)
     model = Model(env.obs_dim, env.action_dim).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -135,8 +145,10 @@ def main(argv: list[str] | None = None) -> dict:
     write_curve(args.out, "world_model_pendulum", rows,
                 f"Pendulum dynamics from the host tier ({args.workers} workers)", "next-observation MSE",
                 {"model, newest rows (ring)": "recent_mse", "no change": "no_change_mse"}, log=True)
-    return {"rows": rows, "ratio": rows[-1]["ratio"], "wall_s": rows[-1]["wall_s"],
-            "phases": dict(timer.total), "tier_adds": tier.num_adds, "ring_adds": ring.num_adds}
+    out = {"rows": rows, "ratio": rows[-1]["ratio"], "wall_s": rows[-1]["wall_s"],
+           "phases": dict(timer.total), "tier_adds": tier.num_adds, "ring_adds": ring.num_adds}
+    tier.close()  # a disk tier: flushed, and ReplayBuffer.open(path) reads its history again
+    return out
 
 
 if __name__ == "__main__":

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
+import shutil
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
-from . import checkpoint, layout, memory, ops, reference
+from . import checkpoint, disk, layout, memory, ops, reference
 from .layout import STATE_ADDS, STATE_OFFSET, TRUNCATED
 from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids, transition_links
 from .specs import LeafSpec, as_tensor, carrier, check_leaf, flatten, resolve_device, unflatten
@@ -21,7 +23,7 @@ MAX_BATCH = 2**31 - 1
 
 #: Where a CPU buffer keeps its tensors: ``"memory"`` (private to the process) or ``"shared"``
 #: (shared memory, read live by DataLoader worker processes).
-STORAGE_KINDS = ("memory", "shared")
+STORAGE_KINDS = ("memory", "shared", "disk")
 
 #: Adds a CUDA buffer keeps staged for its host mirror before it waits for the oldest copy.
 MIRROR_PENDING = 64
@@ -123,7 +125,8 @@ class ReplayBuffer(Lanes):
                  final_obs_capacity: int | None = None, max_proposals: int = 32,
                  backend: str | None = None, priority_alpha: float | None = None,
                  priority_eps: float = 1e-6, storage_dtypes: Mapping[str, torch.dtype] | None = None,
-                 check_finite: bool = False, storage: str = "memory",
+                 check_finite: bool = False, storage: str = "memory", path: Any = None,
+                 flush_every: int | None = None, overwrite: bool = False,
                  mirror: "ReplayBuffer | None" = None) -> None:
         capacity = positive_int(capacity, "capacity")
         lanes = 1 if num_envs is None else positive_int(num_envs, "num_envs")
@@ -155,6 +158,28 @@ class ReplayBuffer(Lanes):
         if storage not in STORAGE_KINDS:
             raise ValueError(f"storage: expected one of {STORAGE_KINDS}, got {storage!r}")
         self.storage_kind = storage
+        if storage == "disk":
+            if path is None:
+                raise ValueError("path: storage='disk' needs the folder to write the buffer's files in")
+            if priority_alpha is not None:
+                raise ValueError("priority_alpha: a disk buffer is uniform (it is a dataset that workers "
+                                 "and later processes read); keep prioritized replay in a memory buffer")
+            if not isinstance(overwrite, bool):
+                raise TypeError(f"overwrite: expected a bool, got {overwrite!r}")
+            self._path = disk.check_new(path, overwrite)
+            rows = capacity // lanes
+            self.flush_every = (max(1, rows // 64) if flush_every is None
+                                else positive_int(flush_every, "flush_every", max(1, rows // 2)))
+        else:
+            for name, value in (("path", path), ("flush_every", flush_every)):
+                if value is not None:
+                    raise ValueError(f"{name}: only for storage='disk', got {value!r} with storage={storage!r}")
+            self._path = None
+            self.flush_every = None
+        self._overwrite = overwrite
+        #: Disk storage: the mapped files (None until the first add allocates them).
+        self._disk: disk.Files | None = None
+        self._flushed_at = 0  # adds covered by the header
         self._pending: list[tuple[Any, _Step]] = []
         self._mirror_stream = None
         #: On a worker's view (:meth:`_reader`): the owner's episode index, read live.
@@ -195,6 +220,7 @@ class ReplayBuffer(Lanes):
         self._rng: ops.Rng | None = None
         self._ops = None
         self._total = 0
+        self._floor = 0  # host copy of state[STATE_FLOOR]
         self._shapes: dict[str, torch.Size] | None = None
         self._reward_tracked = False
         self._row_stats: torch.Tensor | None = None
@@ -230,12 +256,14 @@ class ReplayBuffer(Lanes):
 
     @property
     def live_rows(self) -> int:
-        return min(self._total, self._rows)
+        """Rows per lane that can be sampled: the newest T, none below a reopened disk buffer's
+        floor (see :meth:`open`)."""
+        return layout.live_span(self._total, self._rows, self._floor)[0]
 
     @property
     def oldest_row(self) -> int:
         """Absolute row (add number) of the oldest live row."""
-        return self._total - self.live_rows
+        return layout.live_span(self._total, self._rows, self._floor)[1]
 
     def __len__(self) -> int:
         """Transitions stored (live slots)."""
@@ -355,6 +383,136 @@ class ReplayBuffer(Lanes):
         format or a checksum that does not match raises a ValueError."""
         return checkpoint.load(cls, path, device, storage)
 
+    # ------------------------------------------------------------------ disk storage
+    def _disk_counters(self, adds: int, floor: int, fin_head: list[int], clean: bool, offset: int) -> dict[str, Any]:
+        return {"adds": adds, "floor": floor, "fin_head": fin_head, "clean": clean, "rng_offset": offset,
+                "flush_every": self.flush_every, "episode_rows": self._episode_rows}
+
+    def _check_disk_writer(self, what: str) -> None:
+        if self.storage_kind != "disk":
+            raise ValueError(f"{what}: only a storage='disk' buffer has files; this one has "
+                             f"storage={self.storage_kind!r}")
+        if self._disk is not None and not self._disk.writable:
+            raise ValueError(f"{what}: this disk buffer was opened read-only; "
+                             f"ReplayBuffer.open(path, writable=True) to add to it")
+
+    def flush(self) -> None:
+        """``storage="disk"``: put every row added so far on disk (msync), then the header that
+        counts them (atomic rename): a process killed after ``flush`` returns reopens with all of
+        them but the ``flush_every`` oldest, which the next adds may be overwriting (see
+        :mod:`gpubuffers.disk`). Runs by itself every ``flush_every`` adds."""
+        self._check_disk_writer("flush")
+        if self._disk is not None:
+            self._write_header(clean=False)
+
+    def close(self) -> None:
+        """``storage="disk"``: flush and record the exact counters (a reopen keeps every live
+        row), then unmap the files and let go of the folder; the object is empty afterwards
+        (``ReplayBuffer.open`` reads the folder again). Also what ``with`` does on exit. A no-op
+        for other storages and for read-only opens (they only unmap)."""
+        if self._disk is None:
+            return
+        if self._disk.writable:
+            self._write_header(clean=True)
+        self._disk.close()
+        self.__dict__.update(_disk=None, _ix=None, _storage={}, _flat={}, _final={}, _next_src={},
+                             _row_stats=None, _stat_totals=None, _begun=None, _specs=None, _ops=None,
+                             _episode_ends=None, _total=0, _floor=0, _source=None)
+
+    def __enter__(self) -> "ReplayBuffer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _write_header(self, clean: bool) -> None:
+        self._disk.sync()
+        adds = self._total
+        floor = max(adds - self._rows + (0 if clean else self.flush_every), self._floor, 0)
+        disk.write_header(self._disk, self._disk_counters(adds, floor, self._ix.fin_head.tolist(), clean,
+                                                          self._rng.offset))
+        self._flushed_at = adds
+
+    @classmethod
+    def open(cls, path: Any, writable: bool = False, *, seed: int | None = None) -> "ReplayBuffer":
+        """The disk buffer in the folder ``path`` (a ``storage="disk"`` buffer's files), on the CPU.
+
+        ``writable=False`` (default): read only, the rows its header counts (what was flushed
+        when it was opened); sample it here or through ``BufferDataset`` workers. ``writable=True``:
+        keep adding (one writer at a time: the folder is locked). Rows that a killed writer added
+        after its last flush are gone, and so are at most the ``flush_every`` oldest rows, which
+        were being reclaimed (``oldest_row`` says where the live rows begin). A writable open
+        ends the episodes still running at the last row there, as truncations without a final
+        observation (``next_valid=False``); the next add starts a new episode in every lane.
+        ``seed``: the sampling stream's seed (default: the buffer's). A folder that holds no disk
+        buffer, or one of another format or version, is a ValueError.
+        """
+        if not isinstance(writable, bool):
+            raise TypeError(f"writable: expected a bool, got {writable!r}")
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a folder path (str or os.PathLike), got {type(path).__name__}")
+        path = os.path.abspath(os.fspath(path))
+        header = disk.read_header(path)
+        settings = dict(header["settings"])
+        settings["storage_dtypes"] = {k: checkpoint.DTYPES[d] for k, d in settings.get("storage_dtypes", {}).items()}
+        if seed is not None:
+            settings["seed"] = seed
+        buf = cls(**settings, device="cpu")
+        counters = header["counters"]
+        buf.storage_kind, buf._path, buf.flush_every = "disk", path, counters["flush_every"]
+        specs = {p: LeafSpec(tuple(sp["shape"]), checkpoint.DTYPES[sp["dtype"]]) for p, sp in header["specs"].items()}
+        files, whole, index = disk.attach(path, header, writable, checkpoint.DTYPES, "map" if writable else "copy")
+        try:
+            buf.__dict__.update(buf._attached(specs, torch.device("cpu"), files, whole, index))
+            with torch.no_grad():
+                buf._reopen(counters, writable)
+        except BaseException:
+            files.close()
+            raise
+        return buf
+
+    def _reopen(self, counters: dict[str, Any], writable: bool) -> None:
+        """Bring the index of an opened disk buffer to its header: the counters, the floor, a
+        margin on the final-observation counters, no sums outside the live rows; writable: the
+        running episodes cut at the last row, the next add a restart, and a new header."""
+        ix, rows, lanes = self._ix, self._rows, self._lanes
+        adds, floor, clean = counters["adds"], counters["floor"], counters["clean"]
+        if len(counters["fin_head"]) != lanes:
+            raise ValueError(f"path: the header counts final observations for {len(counters['fin_head'])} "
+                             f"lanes, the buffer has {lanes}")
+        margin = 0 if clean else self.flush_every  # finals a killed writer may have stored per lane
+        ix.fin_head.copy_(torch.tensor(counters["fin_head"], dtype=torch.int64) + margin)
+        offset = counters["rng_offset"]
+        state = [0] * layout.STATE_SIZE
+        state[STATE_ADDS], state[STATE_OFFSET] = adds, offset
+        state[layout.STATE_FLOOR], state[layout.STATE_RESTART] = floor, adds
+        ix.state.copy_(torch.tensor(state, dtype=torch.int64))
+        if writable:
+            self._begun.fill_(adds)  # a reader's is the writer's, read live
+        self._total, self._floor, self._flushed_at = adds, floor, adds
+        self._rng.offset = offset
+        self._episode_rows = counters.get("episode_rows", 1)
+        if adds > 0:
+            prev = (adds - 1) % rows
+            if not self._marks_last:
+                # In first mode the last row's end arrives with the next add: one that a killed
+                # writer made after its flush is not counted.
+                ix.end_flags[prev] = 0
+                self._row_stats[prev] = 0.0
+            live, oldest = layout.live_span(adds, rows, floor)
+            dead = (torch.arange(rows) - oldest) % rows >= live
+            self._row_stats[dead] = 0.0
+            if writable:
+                start, flags = ix.start[prev], ix.end_flags[prev]
+                running = (start != layout.SENTINEL) & (flags == 0)
+                ix.end_flags[prev] = torch.where(running, layout.ENDED | TRUNCATED, flags)
+                self._row_stats[prev] += torch.stack([
+                    running.sum().double(), torch.where(running, adds - start, 0).sum().double(),
+                    torch.where(running, ix.ret[prev], 0.0).sum(dtype=torch.float64)])
+            self._stat_totals.copy_(self._row_stats.sum(0))
+        if writable:
+            self._write_header(clean=False)
+
     def __repr__(self) -> str:
         return (f"ReplayBuffer(capacity={self.capacity}, num_envs={self.num_envs}, rows={self._rows}, "
                 f"done_marks={self.done_marks!r}, autoreset={self.autoreset!r}, "
@@ -365,9 +523,11 @@ class ReplayBuffer(Lanes):
     # ------------------------------------------------------------------ worker processes
     def _check_storage_device(self, device: torch.device) -> None:
         if self.storage_kind != "memory" and device.type != "cpu":
-            raise ValueError(f"device: storage={self.storage_kind!r} holds CPU tensors (shared memory "
+            what = "shared memory" if self.storage_kind == "shared" else "memory-mapped files"
+            raise ValueError(f"device: storage={self.storage_kind!r} holds CPU tensors ({what} "
                              f"that worker processes map), got {device}; keep {device.type} buffers in "
-                             f"storage='memory' and sample them on the device")
+                             f"storage='memory' and sample them on the device (mirror=... copies their "
+                             f"rows into a {self.storage_kind} buffer)")
 
     def __getstate__(self) -> dict[str, Any]:
         # The ops are a module or a kernel table: found again from the device where unpickled.
@@ -375,6 +535,12 @@ class ReplayBuffer(Lanes):
         # a multiprocessing pickler cannot send).
         state = self.__dict__.copy()
         state["_ops"] = None
+        if self._disk is not None:
+            # Memory-mapped tensors travel as their files, mapped again where unpickled.
+            state.update(_storage={}, _flat={}, _final={}, _next_src={})
+            state["_begun"] = None
+            if self._disk.index_mapped:
+                state.update(_ix=None, _row_stats=None, _stat_totals=None)
         # A mirror is written by the process that adds; copies elsewhere only read.
         state.update(mirror=None, _pending=[], _mirror_stream=None)
         rng = self._rng
@@ -384,6 +550,15 @@ class ReplayBuffer(Lanes):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        files = self._disk
+        if files is not None:
+            mode = "map" if files.index_mapped else "skip"
+            files, whole, index = disk.attach(files.path, files.header, False, checkpoint.DTYPES, mode)
+            self.__dict__.update(self._leaf_attrs(self._specs, self._device, whole), _disk=files,
+                                 _begun=index["index-begun"])
+            if mode == "map":
+                attached = self._attached(self._specs, self._device, files, whole, index)
+                self.__dict__.update({k: attached[k] for k in ("_ix", "_row_stats", "_stat_totals", "_begun")})
         if self._rng is not None:
             device, generator_state, seed, offset = self._rng
             gen = torch.Generator(device=device)
@@ -509,6 +684,9 @@ class ReplayBuffer(Lanes):
         if self._source is not None:
             raise RuntimeError("add: this is a worker's read-only view of a shared buffer; add in "
                                "the process that built the buffer")
+        if self._disk is not None and not self._disk.writable:
+            raise RuntimeError("add: this disk buffer is open read-only; ReplayBuffer.open(path, "
+                               "writable=True) to add to it")
         lay = self._layout()
         st = check_step(lay, step, done, terminated, truncated)
         specs, device = st.specs, st.device
@@ -587,6 +765,8 @@ class ReplayBuffer(Lanes):
         ops_.advance(ix)
         self._total += 1
         self._episode_ends = None
+        if self._disk is not None and self._total - self._flushed_at >= self.flush_every:
+            self._write_header(clean=False)  # before the next add may overwrite a flushed row
         if st.mirrored is not None:
             self._mirror_commit(st.mirrored)
 
@@ -741,10 +921,25 @@ class ReplayBuffer(Lanes):
         lower = (f"lower capacity{', final_obs_capacity' if same_step and next_leaves else ''}, store "
                  f"smaller leaves (storage_dtypes=), or size it with gpubuffers.capacity_for")
         free = memory.free_bytes(device, shared=self.storage_kind == "shared")
+        if self.storage_kind == "disk":
+            where = self._path
+            while not os.path.isdir(where):
+                where = os.path.dirname(where)
+            free = shutil.disk_usage(where).free
         if free is not None and total_bytes > free:
             raise ValueError(f"capacity: {total_bytes:,} bytes asked for on {device} for capacity="
                              f"{self.capacity} ({rows} rows x {lanes} lanes), and {free:,} bytes are free; "
                              f"largest leaves {listed}; {others}; {lower}")
+        if self.storage_kind == "disk":
+            files, whole, index = disk.create(self._path, self._overwrite, checkpoint.settings_of(self), specs, narrow,
+                                              sizes, rows, lanes)
+            try:
+                attrs = self._attached(specs, device, files, whole, index)
+                disk.write_header(files, self._disk_counters(0, 0, [0] * lanes, clean=True, offset=0))
+            except BaseException:
+                files.discard()
+                raise
+            return attrs
         try:
             whole = {p: torch.zeros((sizes[p] * lanes, *s.shape), dtype=stored[p], device=device)
                      for p, s in specs.items()}
@@ -768,22 +963,38 @@ class ReplayBuffer(Lanes):
                 f"{lower}") from err
         gen = torch.Generator(device=device)
         gen.manual_seed(self._seed)
+        return {**self._leaf_attrs(specs, device, whole), "_ix": ix, "_tree": tree, "_rng": ops.Rng(gen, self._seed),
+                "_row_stats": row_stats, "_stat_totals": stat_totals, "_begun": begun}
+
+    def _leaf_attrs(self, specs: dict[str, LeafSpec], device: torch.device,
+                    whole: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The attributes over the leaves' whole allocations (ring, then a next leaf's side table)."""
+        rows, lanes = self._rows, self._lanes
+        next_leaves = [p for k in self.next_keys for p in leaves_under(k, specs)]
         storage = {p: t[:rows * lanes].view(rows, lanes, *specs[p].shape) for p, t in whole.items()}
         return {
             **self._installed(specs, device, storage, self._backend),
-            "_ix": ix,
-            "_tree": tree,
-            "_rng": ops.Rng(gen, self._seed),
             "_next_leaves": next_leaves,
             "_next_src": {p: whole[p] for p in next_leaves},
             "_final": ({p: whole[p][rows * lanes:].view(self._final_rows + 1, lanes, *specs[p].shape)
-                        for p in next_leaves} if same_step else {}),
+                        for p in next_leaves} if not self._next_step else {}),
             "_reward_tracked": self._reward_leaf(specs) is not None,
-            "_narrow": narrow,
-            "_row_stats": row_stats,
-            "_stat_totals": stat_totals,
-            "_begun": begun,
+            "_narrow": narrowed(self.storage_dtypes, specs, [self._reward_leaf(specs) or ""]),
         }
+
+    def _attached(self, specs: dict[str, LeafSpec], device: torch.device, files: Any,
+                  whole: dict[str, torch.Tensor], index: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """The attributes of a disk buffer over its mapped (or, in a reader, private) tensors."""
+        ix = EpisodeIndex(start=index["index-start"], end_flags=index["index-end_flags"], ret=index["index-ret"],
+                          final_idx=index["index-final_idx"], fin_head=index["index-fin_head"],
+                          state=index["index-state"],
+                          zeros=(torch.zeros((), dtype=torch.uint8), torch.zeros((), dtype=torch.float32)))
+        gen = torch.Generator(device=device)
+        gen.manual_seed(self._seed)
+        return {**self._leaf_attrs(specs, device, whole), "_ix": ix, "_tree": None,
+                "_rng": ops.Rng(gen, self._seed, int(ix.state[STATE_OFFSET])),
+                "_row_stats": index["stats-rows"], "_stat_totals": index["stats-totals"],
+                "_begun": index["index-begun"], "_disk": files}
 
     # ------------------------------------------------------------------ sampling
     def _check_batch(self, batch_size: Any) -> int:
@@ -850,9 +1061,9 @@ class ReplayBuffer(Lanes):
         elif n_step > 1:
             raise ValueError(f"gamma: n_step={n_step} needs the discount gamma to sum the rewards")
         beta = self._beta(priority_beta)
-        if self._total < 2:
-            raise ValueError(f"sample: needs at least 2 adds (a transition is complete once the "
-                             f"next row is written), the buffer has {self._total}")
+        if self.live_rows < 2:
+            raise ValueError(f"sample: needs at least 2 live rows (a transition is complete once the "
+                             f"next row is written), the buffer has {self.live_rows}")
         if gamma is not None and not self._reward_tracked:
             raise ValueError("gamma: n-step returns sum the reward_key leaf, and this buffer has "
                              "reward_key=None")
@@ -916,7 +1127,7 @@ class ReplayBuffer(Lanes):
         if length > self._rows:
             raise ValueError(f"length: expected at most T={self._rows} rows per lane, got {length}")
         beta = self._beta(priority_beta)
-        if self._total < length:
+        if self.live_rows < length:
             raise ValueError(f"length: no window of {length} rows fits in the {self.live_rows} "
                              f"live rows; add more steps first")
         return self._windows(batch_size, length, beta, self.max_proposals)
@@ -1022,7 +1233,7 @@ class ReplayBuffer(Lanes):
         batch_size = self._check_batch(batch_size)
         if max_rows is not None:
             max_rows = positive_int(max_rows, "max_rows", MAX_BATCH)
-        if self._total == 0:
+        if self.live_rows == 0:
             raise ValueError("sample_episodes: the buffer is empty; add steps first")
         if max_rows is None:
             max_rows = batch_size * self._longest_episode()

@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from .layout import FINAL_IDX_MASK, SENTINEL
+from .layout import FINAL_IDX_MASK, SENTINEL, STATE_FLOOR
 from .specs import LeafSpec, resolve_device
 
 FORMAT = 1
 _KEY = "gpubuffers"
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
+DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
     torch.float32, torch.float64, torch.complex64, torch.complex128,
     *(getattr(torch, n) for n in ("uint16", "uint32", "uint64", "float8_e4m3fn", "float8_e5m2")
@@ -37,12 +37,24 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def settings_of(buf) -> dict[str, Any]:
+    """The constructor settings of ``buf`` as JSON values (what a checkpoint or a disk buffer's
+    header records, and ``ReplayBuffer(**settings)`` takes back)."""
+    return {"capacity": buf.capacity, "num_envs": buf.num_envs, "done_marks": buf.done_marks,
+            "autoreset": buf.autoreset, "next_keys": list(buf.next_keys), "seed": buf._seed,
+            "reward_key": buf.reward_key, "final_obs_capacity": buf._final_rows * buf._lanes,
+            "max_proposals": buf.max_proposals, "backend": buf._backend,
+            "priority_alpha": buf.priority_alpha, "priority_eps": buf.priority_eps,
+            "storage_dtypes": {k: _dtype_name(d) for k, d in buf.storage_dtypes.items()},
+            "check_finite": buf.check_finite}
+
+
 def state_dict(buf) -> dict[str, Any]:
     """``{"header": {...}, "tensors": {name: tensor}}`` of ``buf`` (tensors on its device, not
     copies where a view suffices: save or clone before the buffer moves on)."""
     if buf._ix is None:
         raise ValueError("state_dict: the buffer is empty (nothing was added yet); there is nothing to save")
-    live = buf.live_rows
+    live = min(buf._total, buf.rows)  # rows written (a reopened disk buffer's floor travels in the state)
     ix, tree = buf._ix, buf._tree
     tensors = {f"storage/{p}": t[:live] for p, t in buf._storage.items()}
     tensors.update({f"final/{p}": t for p, t in buf._final.items()})
@@ -56,13 +68,7 @@ def state_dict(buf) -> dict[str, Any]:
                         "tree/maxp": tree.maxp})
     header = {
         "format": FORMAT,
-        "settings": {"capacity": buf.capacity, "num_envs": buf.num_envs, "done_marks": buf.done_marks,
-                     "autoreset": buf.autoreset, "next_keys": list(buf.next_keys), "seed": buf._seed,
-                     "reward_key": buf.reward_key, "final_obs_capacity": buf._final_rows * buf._lanes,
-                     "max_proposals": buf.max_proposals, "backend": buf._backend,
-                     "priority_alpha": buf.priority_alpha, "priority_eps": buf.priority_eps,
-                     "storage_dtypes": {k: _dtype_name(d) for k, d in buf.storage_dtypes.items()},
-                     "check_finite": buf.check_finite},
+        "settings": settings_of(buf),
         "specs": {p: {"shape": list(s.shape), "dtype": _dtype_name(s.dtype),
                       **({"stored": _dtype_name(buf._narrow[p])} if p in buf._narrow else {})}
                   for p, s in buf._specs.items()},
@@ -88,7 +94,7 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
     for k, v in mine.items():
         if settings.get(k, {} if k == "storage_dtypes" else None) != v:
             raise ValueError(f"state_dict: saved with {k}={settings.get(k)!r}, this buffer has {k}={v!r}")
-    specs = {p: LeafSpec(tuple(s["shape"]), _DTYPES[s["dtype"]]) for p, s in header["specs"].items()}
+    specs = {p: LeafSpec(tuple(s["shape"]), DTYPES[s["dtype"]]) for p, s in header["specs"].items()}
     if buf._specs is not None and buf._specs != specs:
         differ = sorted(p for p in set(specs) | set(buf._specs) if specs.get(p) != buf._specs.get(p))
         raise ValueError(f"state_dict: saved leaves differ from this buffer's at {differ}: saved "
@@ -113,6 +119,7 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
     else:  # generator states do not carry across device types: restart the stream from the seed
         buf._rng.generator.manual_seed(settings["seed"])
     buf._total = counters["adds"]
+    buf._floor = int(buf._ix.state[STATE_FLOOR])
     if buf._begun is not None:
         buf._begun.fill_(counters["adds"])
     buf._episode_rows = counters["episode_rows"]
@@ -136,7 +143,10 @@ def _restore(buf, tensors: dict[str, torch.Tensor], live: int) -> None:
     # final_idx keeps the counters' low 31 bits (int32); earlier files hold them whole (int64).
     ix.final_idx[:live].copy_(tensors["index/final_idx"] & FINAL_IDX_MASK)
     ix.fin_head.copy_(tensors["index/fin_head"])
-    ix.state.copy_(tensors["index/state"])
+    # Files from before the floor and restart cursors hold the first two (the others are 0 there).
+    saved = tensors["index/state"]
+    ix.state.zero_()
+    ix.state[:saved.shape[0]].copy_(saved)
     buf._row_stats[:live].copy_(tensors["stats/rows"])
     buf._stat_totals.copy_(tensors["stats/totals"])
     if tree is not None:
@@ -237,8 +247,8 @@ def read(path: str | os.PathLike, device: str | torch.device | None = None) -> d
     tensors = {}
     for name, b in raw.items():
         meta_t = shapes[name]
-        t = b.view(_DTYPES[meta_t["dtype"]]).reshape(meta_t["shape"]) if b.numel() else \
-            torch.zeros(meta_t["shape"], dtype=_DTYPES[meta_t["dtype"]])
+        t = b.view(DTYPES[meta_t["dtype"]]).reshape(meta_t["shape"]) if b.numel() else \
+            torch.zeros(meta_t["shape"], dtype=DTYPES[meta_t["dtype"]])
         tensors[name] = t if name == "rng/generator" else t.to(dev)
     return {"header": header, "tensors": tensors}
 
@@ -253,7 +263,7 @@ def load(cls, path: str | os.PathLike, device: str | torch.device | None = None,
         device = "cpu"
     dev = resolve_device(header["device"] if device is None else device)
     settings = dict(header["settings"])
-    settings["storage_dtypes"] = {k: _DTYPES[d] for k, d in settings.get("storage_dtypes", {}).items()}
+    settings["storage_dtypes"] = {k: DTYPES[d] for k, d in settings.get("storage_dtypes", {}).items()}
     buf = cls(**settings, device=dev, storage=storage)
     load_state_dict(buf, sd)
     return buf

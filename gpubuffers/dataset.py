@@ -108,7 +108,7 @@ class BufferDataset(IterableDataset):
                                "sampling on the device is already cheaper than a worker hop")
         if where == "memory" or buf.storage_kind == "memory":
             raise RuntimeError("BufferDataset: worker processes need a buffer built with "
-                               "storage='shared' (a buffer with storage='memory' would be a copy "
+                               "storage='shared' or storage='disk' (a buffer with storage='memory' would be a copy "
                                "that misses the training loop's adds); or use num_workers=0")
         try:
             return buf._reader(seed)

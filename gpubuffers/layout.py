@@ -71,9 +71,11 @@ def final_kept(fin_head, final_idx, final_rows: int):
 
 # The cursors a CUDA graph must see advance live in a small int64 device tensor, ``state``, kept
 # with the episode index and advanced by the ops themselves; host copies are for checks only.
-STATE_ADDS = 0    #: rows added so far: the absolute row of the next add
-STATE_OFFSET = 1  #: the Philox counter offset of the next in-kernel draw
-STATE_SIZE = 2
+STATE_ADDS = 0     #: rows added so far: the absolute row of the next add
+STATE_OFFSET = 1   #: the Philox counter offset of the next in-kernel draw
+STATE_FLOOR = 2    #: no row below it is live (0, or set when a disk buffer reopens; see live_span)
+STATE_RESTART = 3  #: the add that starts an episode in every lane (0, or the first add after a reopen)
+STATE_SIZE = 4
 
 
 def ring_rows(adds, rows: int):
@@ -88,7 +90,13 @@ def absolute_row(ring_row, oldest, rows: int):
     return oldest + (ring_row - oldest) % rows
 
 
-def live_span(adds, rows: int):
-    """(live rows, oldest live absolute row) after ``adds`` adds; ints or int64 tensors alike."""
-    live = adds.clamp(max=rows) if hasattr(adds, "clamp") else min(adds, rows)
-    return live, adds - live
+def live_span(adds, rows: int, floor=0):
+    """(live rows, oldest live absolute row) after ``adds`` adds: the newest ``rows`` rows, none
+    below ``floor`` (a reopened disk buffer's first rows that may have been overwritten when its
+    writer stopped); ints or int64 tensors alike."""
+    if hasattr(adds, "clamp"):
+        floor = floor if hasattr(floor, "clamp") else adds.new_tensor(floor)
+        oldest = (adds - rows).clamp(min=0).maximum(floor).minimum(adds)
+    else:
+        oldest = min(max(adds - rows, 0, floor), adds)
+    return adds - oldest, oldest

@@ -124,7 +124,7 @@ class TritonOps:
         return out
 
     def nstep(self, ix, slot, row, reward, n_step, gamma, final_rows, next_step):
-        return self._returns.nstep(ix.end_flags, ix.final_idx, ix.fin_head, ix.state, slot, row, reward, n_step,
+        return self._returns.nstep(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, ix.state, slot, row, reward, n_step,
                                    gamma, final_rows, next_step)
 
     def gae(self, ix, reward, value, final_value, tail_flags, tail_final, last_value, gamma, lam, next_step):

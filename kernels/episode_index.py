@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layout import ENDED, HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED
+from ..layout import ENDED, HAS_FINAL, SENTINEL, STATE_ADDS, STATE_RESTART, TRUNCATED
 
 BLOCK = 1024
 _ENDED = tl.constexpr(ENDED)
@@ -24,7 +24,7 @@ def _add_step_kernel(
     start_ptr, end_flags_ptr, ret_ptr, ended_ptr,          # outputs (index updated in place)
     state_ptr, done_ptr, term_ptr, trunc_ptr, reward_ptr,   # inputs
     rows, lanes,                                            # sizes
-    SENTINEL_: tl.constexpr, ADDS: tl.constexpr, MARKS_LAST: tl.constexpr,
+    SENTINEL_: tl.constexpr, ADDS: tl.constexpr, RESTART: tl.constexpr, MARKS_LAST: tl.constexpr,
     NEXT_STEP: tl.constexpr, HAS_DONE: tl.constexpr, HAS_TERM: tl.constexpr,
     HAS_TRUNC: tl.constexpr, FINAL_BIT: tl.constexpr, HAS_REWARD: tl.constexpr,
     BLOCK_: tl.constexpr,
@@ -35,7 +35,7 @@ def _add_step_kernel(
     adds = tl.load(state_ptr + ADDS)
     row = adds % rows                   # layout.ring_rows
     prev = (adds + rows - 1) % rows
-    first = adds == 0
+    first = adds == tl.load(state_ptr + RESTART)  # as reference.add_step
     here = row * lanes + lane
     there = prev * lanes + lane
     # The end flags of the closed episodes (as reference.end_flags_of): termination wins.
@@ -79,7 +79,8 @@ def _add_step_kernel(
         else:
             ended = done & (first == 0)
             starts = done | first
-        tl.store(end_flags_ptr + there, tl.where(ended, flags, 0).to(tl.uint8), mask=mask)
+        # A restart leaves the previous row alone.
+        tl.store(end_flags_ptr + there, tl.where(ended, flags, 0).to(tl.uint8), mask=mask & (first == 0))
     start = tl.where(starts, adds, prev_start)
     ret = tl.where(starts, reward, prev_ret + reward)
     start = tl.where(is_reset, SENTINEL_, start)
@@ -123,7 +124,7 @@ def add_step(start: torch.Tensor, end_flags: torch.Tensor, ret: torch.Tensor, st
         start, end_flags, ret, ended.view(torch.int8),
         state, *(some if t is None else t.view(torch.int8) for t in (done, terminated, truncated)),
         reward if reward is not None else ret, rows, lanes,
-        SENTINEL_=SENTINEL, ADDS=STATE_ADDS, MARKS_LAST=marks_last, NEXT_STEP=next_step,
+        SENTINEL_=SENTINEL, ADDS=STATE_ADDS, RESTART=STATE_RESTART, MARKS_LAST=marks_last, NEXT_STEP=next_step,
         HAS_DONE=done is not None, HAS_TERM=terminated is not None, HAS_TRUNC=truncated is not None,
         FINAL_BIT=HAS_FINAL if has_final else 0, HAS_REWARD=reward is not None, BLOCK_=BLOCK,
     )
@@ -166,13 +167,22 @@ def _record_ends_kernel(
     total_count = tl.load(totals_ptr + 0) - tl.load(stats_ptr + row * 3 + 0)
     total_length = tl.load(totals_ptr + 1) - tl.load(stats_ptr + row * 3 + 1)
     total_ret = tl.load(totals_ptr + 2) - tl.load(stats_ptr + row * 3 + 2)
-    if not MARKS_LAST:
+    if MARKS_LAST:
+        tl.store(stats_ptr + end_row * 3 + 0, new_count)
+        tl.store(stats_ptr + end_row * 3 + 1, new_length)
+        tl.store(stats_ptr + end_row * 3 + 2, new_ret)
+    else:
+        # The previous row's sums are added to (zero unless a reopened disk buffer cut episodes
+        # there), read before the overwritten row is cleared (they differ: T >= 2).
+        old_count = tl.load(stats_ptr + end_row * 3 + 0)
+        old_length = tl.load(stats_ptr + end_row * 3 + 1)
+        old_ret = tl.load(stats_ptr + end_row * 3 + 2)
         tl.store(stats_ptr + row * 3 + 0, 0.0)
         tl.store(stats_ptr + row * 3 + 1, 0.0)
         tl.store(stats_ptr + row * 3 + 2, 0.0)
-    tl.store(stats_ptr + end_row * 3 + 0, new_count)
-    tl.store(stats_ptr + end_row * 3 + 1, new_length)
-    tl.store(stats_ptr + end_row * 3 + 2, new_ret)
+        tl.store(stats_ptr + end_row * 3 + 0, old_count + new_count)
+        tl.store(stats_ptr + end_row * 3 + 1, old_length + new_length)
+        tl.store(stats_ptr + end_row * 3 + 2, old_ret + new_ret)
     tl.store(totals_ptr + 0, total_count + new_count)
     tl.store(totals_ptr + 1, total_length + new_length)
     tl.store(totals_ptr + 2, total_ret + new_ret)

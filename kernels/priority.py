@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..layout import SENTINEL, STATE_ADDS, STATE_OFFSET
-from .sampling import BLOCK, links, store_transitions, transition_dict, transition_outputs, uniform, window_outputs
+from .sampling import BLOCK, live_span, links, store_transitions, transition_dict, transition_outputs, uniform, window_outputs
 
 _SENTINEL = tl.constexpr(SENTINEL)
 _ADDS = tl.constexpr(STATE_ADDS)
@@ -41,12 +41,12 @@ def _elect_kernel(
     .update_priorities): the last update of each slot leaves its mark there."""
     j = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = j < count
-    adds = tl.load(state_ptr + _ADDS)
-    live = tl.minimum(adds, rows)
+    live, oldest, _ = live_span(state_ptr, rows)
+    adds = oldest + live
     index = tl.load(index_ptr + j, mask=mask, other=-1)
     p = tl.load(prio_ptr + j, mask=mask, other=-1.0)
     slot = index % capacity  # index >= 0 wherever ok holds
-    ok = mask & (index >= (adds - live) * lanes) & (index < (adds - 1) * lanes)
+    ok = mask & (index >= oldest * lanes) & (index < (adds - 1) * lanes)
     ok = ok & (p >= 0) & (p < float("inf"))  # NaN fails both
     ok = ok & (tl.load(start_ptr + slot, mask=ok, other=_SENTINEL) != _SENTINEL)
     key = tl.where(ok, slot, spare)
@@ -178,8 +178,7 @@ def _transitions_kernel(
     """Stratified proportional transitions (reference.prioritized_transitions)."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
-    adds = tl.load(state_ptr + _ADDS)
-    oldest = adds - tl.minimum(adds, rows)
+    live, oldest, _ = live_span(state_ptr, rows)
     mass = tl.load(sums_ptr + root)
     u = uniform(seed, tl.load(state_ptr + _OFFSET) + item.to(tl.int64))
     x = (item.to(tl.float64) + u) * mass / batch
@@ -188,7 +187,7 @@ def _transitions_kernel(
     w, leaf = _weight(leaf_ptr, slot, tl.load(mins_ptr + root).to(tl.float64), beta, mask)
     is_first = tl.load(start_ptr + slot, mask=mask, other=0) == row
     succ, is_last, terminated, truncated, next_valid = links(
-        end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, final_rows,
+        start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, final_rows,
         NEXT_STEP, HAS_FINAL, BLOCK_)
     tl.store(weight_ptr + item, w, mask=mask)
     store_transitions(slots_ptr, row_ptr, index_ptr, masks_ptr, item, mask, batch, lanes, slot, succ, row,
@@ -207,8 +206,8 @@ def _windows_kernel(
     ``tries`` i.i.d. proposals (reference.prioritized_windows)."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
-    adds = tl.load(state_ptr + _ADDS)
-    oldest = adds - tl.minimum(adds, rows)
+    live, oldest, _ = live_span(state_ptr, rows)
+    adds = oldest + live
     mass = tl.load(sums_ptr + root)
     offset = tl.load(state_ptr + _OFFSET)
     span = tl.zeros([], tl.int64) + (length - 1)

@@ -21,7 +21,7 @@ from .sampling import BLOCK, links
 def _nstep_kernel(
     n_ptr, ret_ptr, disc_ptr, succ_ptr, masks_ptr,            # outputs [B] x 4, [4, B]
     slot_ptr, row_ptr, reward_ptr,                            # sampled transitions, reward leaf
-    end_flags_ptr, final_idx_ptr, fin_head_ptr, state_ptr,    # index, cursors
+    start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr, state_ptr,    # index, cursors
     gamma, batch, n_step, lanes, total, final_rows,
     ADDS: tl.constexpr, NEXT_STEP: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_: tl.constexpr,
 ):
@@ -49,7 +49,7 @@ def _nstep_kernel(
         ended = tl.load(end_flags_ptr + here, mask=use, other=1) != 0
         alive = use & (ended == 0)
     succ, is_last, terminated, truncated, next_valid = links(
-        end_flags_ptr, final_idx_ptr, fin_head_ptr, last, mask, lanes, total, final_rows,
+        start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr, last, mask, lanes, total, final_rows,
         NEXT_STEP, HAS_FINAL, BLOCK_)
     tl.store(n_ptr + item, k, mask=mask)
     tl.store(ret_ptr + item, ret, mask=mask)
@@ -64,7 +64,7 @@ def _nstep_kernel(
 MASKS = ("is_last", "terminated", "truncated", "next_valid")
 
 
-def nstep(end_flags: torch.Tensor, final_idx: torch.Tensor, fin_head: torch.Tensor, state: torch.Tensor,
+def nstep(start: torch.Tensor, end_flags: torch.Tensor, final_idx: torch.Tensor, fin_head: torch.Tensor, state: torch.Tensor,
           slot: torch.Tensor, row: torch.Tensor, reward: torch.Tensor, n_step: int, gamma: float,
           final_rows: int, next_step: bool) -> dict:
     """n-step segments of the transitions at ``slot``/``row`` [B] int64 with the reward leaf
@@ -85,7 +85,7 @@ def nstep(end_flags: torch.Tensor, final_idx: torch.Tensor, fin_head: torch.Tens
     grid = (triton.cdiv(batch, BLOCK),)
     _nstep_kernel[grid](
         k, ret, disc, succ, masks.view(torch.int8), slot.contiguous(), row.contiguous(), reward.contiguous(),
-        end_flags, final_idx, fin_head, state, float(gamma), batch, n_step, lanes, rows * lanes,
+        start, end_flags, final_idx, fin_head, state, float(gamma), batch, n_step, lanes, rows * lanes,
         max(final_rows, 1), ADDS=STATE_ADDS, NEXT_STEP=next_step, HAS_FINAL=final_rows > 0, BLOCK_=BLOCK,
     )
     out = {"n_steps": k, "return": ret, "discount": disc, "succ": succ}

@@ -25,14 +25,16 @@ _HAS_FINAL = tl.constexpr(layout.HAS_FINAL)
 _FINAL_IDX_MASK = tl.constexpr(layout.FINAL_IDX_MASK)
 _ADDS = tl.constexpr(layout.STATE_ADDS)
 _OFFSET = tl.constexpr(layout.STATE_OFFSET)
+_FLOOR = tl.constexpr(layout.STATE_FLOOR)
+_SENTINEL = tl.constexpr(layout.SENTINEL)
 
 
 @triton.jit
-def _live_span(state_ptr, rows):
+def live_span(state_ptr, rows):
     """(live rows, oldest absolute row, Philox offset) from the device cursors (layout.live_span)."""
     adds = tl.load(state_ptr + _ADDS)
-    live = tl.minimum(adds, rows)
-    return live, adds - live, tl.load(state_ptr + _OFFSET)
+    oldest = tl.minimum(tl.maximum(tl.maximum(adds - rows, 0), tl.load(state_ptr + _FLOOR)), adds)
+    return adds - oldest, oldest, tl.load(state_ptr + _OFFSET)
 
 
 @triton.jit
@@ -74,7 +76,7 @@ def _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row
 
 
 @triton.jit
-def links(end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, final_rows,
+def links(start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, final_rows,
           NEXT_STEP: tl.constexpr, HAS_FINAL: tl.constexpr, BLOCK_: tl.constexpr):
     """Successor and end facts of the transitions at ``slot`` (as reference.transition_links):
     (succ, is_last, terminated, truncated, next_valid)."""
@@ -84,7 +86,8 @@ def links(end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, 
     truncated = (flags & _TRUNCATED) != 0
     terminated = is_last & (truncated == 0)
     if NEXT_STEP:
-        next_valid = tl.full([BLOCK_], 1, tl.int1)
+        # The end's successor must be its reset row (reference.transition_links).
+        next_valid = (is_last == 0) | (tl.load(start_ptr + succ, mask=mask & is_last, other=0) == _SENTINEL)
     elif HAS_FINAL:
         lane = slot % lanes
         head = tl.load(fin_head_ptr + lane, mask=mask, other=0)
@@ -129,14 +132,14 @@ def _transitions_kernel(
     admissible, and one proposal per item is drawn."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
-    live, oldest, offset = _live_span(state_ptr, rows)
+    live, oldest, offset = live_span(state_ptr, rows)
     high = (live - 1) * lanes
     base_row = oldest
     slot, row, found = _first_admissible(start_ptr, seed, offset, item, mask, tries, high, base_row,
                                          lanes, total, 1, BLOCK_)
     is_first = tl.load(start_ptr + slot, mask=mask, other=0) == row
     succ, is_last, terminated, truncated, next_valid = links(
-        end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, final_rows,
+        start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lanes, total, final_rows,
         NEXT_STEP, HAS_FINAL, BLOCK_)
     store_transitions(slots_ptr, row_ptr, index_ptr, masks_ptr, item, mask, batch, lanes, slot, succ, row,
                       found, is_first, is_last, terminated, truncated, next_valid)
@@ -153,7 +156,7 @@ def _windows_kernel(
     (as reference.windows)."""
     item = tl.program_id(0) * BLOCK_ + tl.arange(0, BLOCK_)
     mask = item < batch
-    live, oldest, offset = _live_span(state_ptr, rows)
+    live, oldest, offset = live_span(state_ptr, rows)
     high = (live - length + 1) * lanes
     base_row = oldest + length - 1
     end_slot, end_row, found = _first_admissible(start_ptr, seed, offset, item, mask, tries, high,

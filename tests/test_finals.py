@@ -84,7 +84,7 @@ def run_both(lanes, final_rows, adds, pattern, leaves, seed=0, strided=False):
         ref.store_finals(want, ended, marks_last, final_rows, sides_want, values)
         finals.store_finals(got.final_idx, got.fin_head, got.state, ended, marks_last, final_rows,
                             sides_got, values)
-        assert got.state.tolist() == want.state.tolist() == [adds, 0]  # cursors are not advanced
+        assert got.state.tolist() == want.state.tolist() == [adds, 0, 0, 0]  # cursors are not advanced
         for v, k in zip(values, kept):
             assert_same(v, k, "input")  # inputs untouched
         assert_same(got.final_idx, want.final_idx, f"final_idx after add {t}")

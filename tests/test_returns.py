@@ -180,7 +180,7 @@ def test_nstep_kernel_matches_reference(lanes, marks_last, next_step, adds, n_st
     row = k // lanes + oldest
     reward = torch.randn(rows * lanes, generator=g).to(DEVICE)
     want = ref.nstep(ix, slot, row, reward, n_step, 0.93, final_rows, next_step)
-    got = returns.nstep(ix.end_flags, ix.final_idx, ix.fin_head, ix.state, slot, row, reward, n_step, 0.93,
+    got = returns.nstep(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, ix.state, slot, row, reward, n_step, 0.93,
                         final_rows, next_step)
     for key in ("n_steps", "succ", "is_last", "terminated", "truncated", "next_valid"):
         exact(got[key], want[key], key)

@@ -149,7 +149,7 @@ def test_bad_construction(kwargs, err, msg):
 
 def test_sampling_an_empty_buffer():
     b = ReplayBuffer(8 * N, N)
-    with pytest.raises(ValueError, match="sample: needs at least 2 adds.*has 0"):
+    with pytest.raises(ValueError, match="sample: needs at least 2 live rows.*has 0"):
         b.sample(4)
     with pytest.raises(ValueError, match="length: no window of 2 rows fits in the 0 live rows"):
         b.sample_sequences(4, 2)
@@ -158,7 +158,7 @@ def test_sampling_an_empty_buffer():
     with pytest.raises(ValueError, match="episode_stats: the buffer is empty"):
         b.episode_stats()
     b.add(step(), torch.zeros(N, dtype=torch.bool))
-    with pytest.raises(ValueError, match="sample: needs at least 2 adds.*has 1"):
+    with pytest.raises(ValueError, match="sample: needs at least 2 live rows.*has 1"):
         b.sample(4)
 
 

@@ -1,4 +1,4 @@
-"""Shared-memory buffers sampled by DataLoader worker processes.
+"""Shared-memory and disk buffers sampled by DataLoader worker processes.
 
 Every step carries its own address: ``obs = [absolute row, lane]`` and the final observation of
 an episode that ends at row t of lane n is ``[FINAL + t, n]``, so a batch can be checked item by
@@ -7,6 +7,7 @@ item against its ``index`` whatever process sampled it and whatever was overwrit
 
 from __future__ import annotations
 
+import tempfile
 import time
 
 import pytest
@@ -32,8 +33,13 @@ def add(buf: ReplayBuffer, t: int) -> None:
     buf.add({"obs": obs, "reward": torch.ones(N)}, done, final_obs=final)
 
 
-def shared(rows: int = 8, adds: int = 20, final_rows: int = 2, **kw) -> ReplayBuffer:
-    buf = ReplayBuffer(rows * N, N, done_marks="last", storage="shared", seed=1,
+STORAGES = ["shared", "disk"]
+
+
+def shared(rows: int = 8, adds: int = 20, final_rows: int = 2, storage: str = "shared", **kw) -> ReplayBuffer:
+    if storage == "disk":
+        kw.update(path=tempfile.mkdtemp(prefix="gpubuffers-test-"), flush_every=2)
+    buf = ReplayBuffer(rows * N, N, done_marks="last", storage=storage, seed=1,
                        final_obs_capacity=final_rows * N, **kw)
     for t in range(adds):
         add(buf, t)
@@ -71,9 +77,9 @@ class AddsDuringGather:
         return self._ops.gather(*args)
 
 
-@pytest.mark.parametrize("k", [1, 3, 7])
-def test_rows_overwritten_during_the_gather_are_marked_invalid(k):
-    owner = shared()
+@pytest.mark.parametrize("k,storage", [(1, "shared"), (3, "shared"), (7, "shared"), (3, "disk")])
+def test_rows_overwritten_during_the_gather_are_marked_invalid(k, storage):
+    owner = shared(storage=storage)
     view = owner._reader(seed=5)
     view._ops = AddsDuringGather(view._ops, owner, k)
     out = view._read_batch("transitions", 4096)
@@ -90,10 +96,11 @@ def test_rows_overwritten_during_the_gather_are_marked_invalid(k):
     assert int(row.min()) == 20 - owner.rows and int(row.max()) == 20 - 2
 
 
-def test_final_observations_rewritten_during_the_gather_are_marked_invalid():
+@pytest.mark.parametrize("storage", STORAGES)
+def test_final_observations_rewritten_during_the_gather_are_marked_invalid(storage):
     # A side table of 2 finals per lane and lanes that end every 2-4 rows: two adds rewrite
     # final observations whose transitions stay live in the ring.
-    owner = shared(rows=16, adds=40, final_rows=2)
+    owner = shared(rows=16, adds=40, final_rows=2, storage=storage)
     view = owner._reader(seed=7)
     view._ops = AddsDuringGather(view._ops, owner, 2)
     out = view._read_batch("transitions", 8192)
@@ -161,8 +168,9 @@ def _check_batches(batches, kind):
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core machine
 @pytest.mark.parametrize("context,workers", [("fork", 2), ("fork", 4), ("spawn", 2)])
-def test_workers_sample_the_live_buffer(context, workers):
-    owner = shared(rows=64, adds=10)
+@pytest.mark.parametrize("storage", STORAGES)
+def test_workers_sample_the_live_buffer(context, workers, storage):
+    owner = shared(rows=64, adds=10, storage=storage)
     ds = BufferDataset(owner, 256, kind="transitions")
     loader = DataLoader(ds, batch_size=None, num_workers=workers, multiprocessing_context=context,
                         generator=torch.Generator().manual_seed(0), prefetch_factor=1)
@@ -181,8 +189,9 @@ def test_workers_sample_the_live_buffer(context, workers):
     assert all(not torch.equal(first[i], first[j]) for i in range(workers) for j in range(i))
 
 
-def test_workers_split_num_batches_and_repeat_under_a_seeded_loader():
-    owner = shared(rows=32, adds=30)
+@pytest.mark.parametrize("storage", STORAGES)
+def test_workers_split_num_batches_and_repeat_under_a_seeded_loader(storage):
+    owner = shared(rows=32, adds=30, storage=storage)
     ds = BufferDataset(owner, 16, kind="sequences", length=3, num_batches=5)
 
     def run():
@@ -195,10 +204,10 @@ def test_workers_split_num_batches_and_repeat_under_a_seeded_loader():
     assert all(torch.equal(a["index"], b["index"]) for a, b in zip(first, again))
 
 
-def concurrent_reads(kind: str, batches: int, seconds: float, **kw) -> tuple[int, int]:
+def concurrent_reads(kind: str, batches: int, seconds: float, storage: str = "shared", **kw) -> tuple[int, int]:
     """A small ring written as fast as the main process can while two workers read it; every
     batch checked. Returns (items seen, items marked invalid)."""
-    owner = shared(rows=6, adds=10, final_rows=2)
+    owner = shared(rows=6, adds=10, final_rows=2, storage=storage)
     ds = BufferDataset(owner, 512, kind=kind, **kw)
     it = iter(DataLoader(ds, batch_size=None, num_workers=2, prefetch_factor=4))
     seen = invalid = 0
@@ -215,16 +224,18 @@ def concurrent_reads(kind: str, batches: int, seconds: float, **kw) -> tuple[int
     return seen, invalid
 
 
-def test_concurrent_adds_never_return_a_torn_item():
-    seen, invalid = concurrent_reads("transitions", 60, 20)
+@pytest.mark.parametrize("storage", STORAGES)
+def test_concurrent_adds_never_return_a_torn_item(storage):
+    seen, invalid = concurrent_reads("transitions", 60, 20, storage)
     assert seen > 0 and invalid < seen
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,kw", [("transitions", {}), ("transitions", {"n_step": 3, "gamma": 0.9}),
                                      ("sequences", {"length": 3})])
-def test_concurrent_adds_never_return_a_torn_item_long(kind, kw):
-    seen, invalid = concurrent_reads(kind, 5000, 60, **kw)
+@pytest.mark.parametrize("storage", STORAGES)
+def test_concurrent_adds_never_return_a_torn_item_long(kind, kw, storage):
+    seen, invalid = concurrent_reads(kind, 5000, 60, storage, **kw)
     assert seen > 0 and invalid < seen
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import ENDED, HAS_FINAL, SENTINEL, STATE_ADDS, STATE_SIZE, TRUNCATED, ring_rows
+from ..layout import ENDED, HAS_FINAL, SENTINEL, STATE_ADDS, STATE_RESTART, STATE_SIZE, TRUNCATED, ring_rows
 
 
 @dataclass
@@ -31,7 +31,8 @@ class EpisodeIndex:
         lane's final-obs counter when it was stored (``layout.final_counter`` recovers the
         counter c from ``fin_head``; its side-table row is ``c % K``).
     fin_head: [N] int64, final observations stored per lane since construction.
-    state: [STATE_SIZE] int64, the cursors (:mod:`gpubuffers.layout`): rows added, Philox offset.
+    state: [STATE_SIZE] int64, the cursors (:mod:`gpubuffers.layout`): rows added, Philox offset,
+        the floor of live rows and the restart add.
         Every op reads the ring rows it needs from here, never from host integers, so a CUDA
         graph of ``add`` + ``sample`` replays onto new rows with new draws.
     zeros: 0-d uint8 and float32 zeros, kept to avoid allocating them on every add.
@@ -89,10 +90,14 @@ def add_step(ix: EpisodeIndex, done: torch.Tensor | None, terminated: torch.Tens
     reward: [N] float32 rewards of this row, or None when returns are not tracked.
     Returns [N] bool, the lanes whose episode ended with this add (at the new row when
     ``marks_last``, else at the row before it; none on the very first add of first mode).
+
+    The first add (``state[STATE_RESTART]``, 0 unless a disk buffer was reopened to write on)
+    starts an episode in every lane and never makes a reset row; in first mode its flags close
+    nothing (they describe episodes before the restart), and the previous row is left as it is.
     """
     done, flags = end_flags_of(ix, done, terminated, truncated, has_final)
     row, prev, adds = rows_of(ix)
-    first = adds == 0  # [1]: the first row of every lane starts an episode
+    first = adds == ix.state[STATE_RESTART:STATE_RESTART + 1]  # [1]: every lane starts an episode
     prev_start = ix.start.index_select(0, prev)[0]
     prev_ret = ix.ret.index_select(0, prev)[0]
     none = torch.zeros_like(done)
@@ -107,8 +112,9 @@ def add_step(ix: EpisodeIndex, done: torch.Tensor | None, terminated: torch.Tens
             is_reset, starts = ended, (prev_start == SENTINEL) | first
         else:
             ended, is_reset, starts = done & ~first, none, done | first
-        # The flag closes the episode of the previous row.
-        ix.end_flags.index_copy_(0, prev, _end_flags(ix, ended, flags)[None])
+        # The flag closes the episode of the previous row (a restart leaves that row alone).
+        closed = torch.where(first, ix.end_flags.index_select(0, prev)[0], _end_flags(ix, ended, flags))
+        ix.end_flags.index_copy_(0, prev, closed[None])
     start = torch.where(starts, adds, prev_start).masked_fill_(is_reset, SENTINEL)
     if reward is None:
         ret = torch.where(starts, ix.zeros[1], prev_ret)
@@ -158,8 +164,10 @@ def record_ends(ix: EpisodeIndex, stats: torch.Tensor, totals: torch.Tensor, end
         of their returns; totals: [3] float64, the same summed over live rows.
     ended: [N] bool, lanes whose episode ended with this add (as :func:`add_step` returns them,
         before :func:`advance`): at the new row when ``marks_last``, else at the row before it.
-    The row this add overwrites leaves the live rows first, with its old sums. Counts and lengths
-    are integers, exact in float64 below 2**53.
+    The row this add overwrites leaves the live rows first, with its old sums. In first mode the
+    previous row's sums are added to (they are zero since that row was written, except where a
+    reopened disk buffer cut its episodes there). Counts and lengths are integers, exact in
+    float64 below 2**53.
     """
     row, prev, adds = rows_of(ix)
     totals.sub_(stats.index_select(0, row)[0])
@@ -170,7 +178,9 @@ def record_ends(ix: EpisodeIndex, stats: torch.Tensor, totals: torch.Tensor, end
     lengths = torch.where(ended, end_abs + 1 - start, 0).sum()
     returns = torch.where(ended, ret, 0.0).sum(dtype=torch.float64)
     new = torch.stack([ended.sum().double(), lengths.double(), returns])
-    if not marks_last:
+    if marks_last:
+        stats.index_copy_(0, end_row, new[None])
+    else:
         stats.index_fill_(0, row, 0.0)  # the overwritten row ends nothing yet
-    stats.index_copy_(0, end_row, new[None])
+        stats.index_add_(0, end_row, new[None])
     totals.add_(new)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import (HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED, absolute_row, final_counter, final_kept,
+from ..layout import (HAS_FINAL, SENTINEL, STATE_ADDS, STATE_FLOOR, TRUNCATED, absolute_row, final_counter, final_kept,
                       final_slot)
 from ..layout import live_span as _live_span
 from .episode_index import EpisodeIndex
@@ -80,8 +80,10 @@ def transition_links(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, fi
         "truncated": truncated,
     }
     if next_step:
-        # The reset row after an episode's end holds its final observation.
-        out["next_valid"] = torch.ones_like(is_last)
+        # The reset row after an episode's end holds its final observation; an end followed by
+        # a row that is not a reset row (an episode cut where a reopened disk buffer restarted)
+        # has none.
+        out["next_valid"] = ~is_last | (take(ix.start, succ) == SENTINEL)
     elif final_rows == 0:
         out["next_valid"] = ~is_last
     else:
@@ -119,7 +121,7 @@ def window_slots(end_slot: torch.Tensor, length: int, rows: int, lanes: int) -> 
 
 def live_span(ix: EpisodeIndex) -> tuple[torch.Tensor, torch.Tensor]:
     """(live rows, oldest absolute row) as 0-d int64 tensors, from the device cursors."""
-    return _live_span(ix.state[STATE_ADDS], ix.rows)
+    return _live_span(ix.state[STATE_ADDS], ix.rows, ix.state[STATE_FLOOR])
 
 
 def uniform_below(rng, shape: tuple[int, ...], high: torch.Tensor) -> torch.Tensor:
