@@ -9,6 +9,7 @@ uniform over the union of every rank's shard, the rows fetched from their owners
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -164,6 +165,86 @@ class ShardedReplayBuffer:
         out = unflatten(_unpack(result, schema))
         out["rank"] = rank
         return out
+
+    def sample_episodes(self, batch_size: int, max_rows: int | None = None, *,
+                        scope: str = "local") -> dict[str, Any]:
+        """``scope="local"``: :meth:`ReplayBuffer.sample_episodes` of this rank's shard.
+        ``"global"``: B whole episodes uniform over every rank's finished episodes, packed as
+        locally (``cu_seqlens``, ``mask``, per-episode ``length``, ``lane``, ``episode_return``,
+        ``truncated``, ``valid``, per-row leaves, ``is_first``, ``is_last``, ``index``), with
+        ``rank`` [B]; episodes come grouped by owner. ``max_rows`` (default: every row received)
+        is this rank's row budget: episodes past it are dropped whole (``valid=False``, length
+        0), as locally. Per call the group all-gathers each rank's episode count (8 bytes per
+        rank), exchanges per-owner episode and row counts (8 bytes per rank each), then each
+        episode's entries and each of its rows' bytes once; the counts are read on the host."""
+        scope = self._scope(scope)
+        if scope == "local":
+            return self.local.sample_episodes(batch_size, max_rows)
+        batch_size = positive_int(batch_size, "batch_size", MAX_BATCH)
+        if max_rows is not None:
+            max_rows = positive_int(max_rows, "max_rows", MAX_BATCH)
+        device, buf = self._device(), self.local
+        rows_schema = self._schema("episode rows", lambda b: _episode_parts(b.sample_episodes(1))[1], 1)
+        eps_schema = self._schema("episode entries", lambda b: _episode_parts(b.sample_episodes(1))[0], 1)
+        mine = (buf.num_episodes.to(device).reshape(1) if buf.index is not None
+                else torch.zeros(1, dtype=torch.int64, device=device))
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=self.group)
+        sizes = torch.cat(parts)
+        if int(sizes.sum()) == 0:
+            raise ValueError("sample_episodes: no rank holds a finished episode yet")
+        owner = torch.multinomial(sizes.to(torch.float64), batch_size, replacement=True,
+                                  generator=self._generator(device))
+        # Each owner samples what it was asked for once; its episodes and their rows travel in
+        # two exchanges of the same order.
+        counts_to = torch.bincount(owner, minlength=self.world_size)
+        counts_from = torch.empty_like(counts_to)
+        dist.all_to_all_single(counts_from, counts_to, group=self.group)
+        wanted, served = counts_to.tolist(), counts_from.tolist()
+        e_width = sum(math.prod(sh) * dt.itemsize for _, sh, dt in eps_schema)
+        r_width = sum(math.prod(sh) * dt.itemsize for _, sh, dt in rows_schema)
+        if sum(served):
+            drawn = buf.sample_episodes(sum(served))
+            entries, rows = _episode_parts(drawn)
+            cu = drawn["cu_seqlens"]
+            ends = torch.tensor([0, *itertools.accumulate(served)], device=device)
+            rows_to = (cu[ends[1:]] - cu[ends[:-1]])  # rows per destination
+            e_packed, r_packed = _pack(entries, eps_schema), _pack(rows, rows_schema)[:int(cu[-1])]
+        else:
+            rows_to = torch.zeros(self.world_size, dtype=torch.int64, device=device)
+            e_packed = torch.empty((0, e_width), dtype=torch.uint8, device=device)
+            r_packed = torch.empty((0, r_width), dtype=torch.uint8, device=device)
+        rows_from = torch.empty_like(rows_to)
+        dist.all_to_all_single(rows_from, rows_to, group=self.group)
+        e_in = torch.empty((batch_size, e_width), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(e_in, e_packed, output_split_sizes=wanted, input_split_sizes=served, group=self.group)
+        got_rows = rows_from.tolist()
+        r_in = torch.empty((sum(got_rows), r_width), dtype=torch.uint8, device=device)
+        dist.all_to_all_single(r_in, r_packed, output_split_sizes=got_rows, input_split_sizes=rows_to.tolist(),
+                               group=self.group)
+        out = _unpack(e_in, eps_schema)
+        length = out["length"]
+        total = r_in.shape[0]
+        budget = total if max_rows is None else max_rows
+        valid = out["valid"] & (torch.cumsum(length, 0) <= budget)
+        kept = int((length * valid).sum())  # the kept episodes are a prefix (lengths are positive)
+        width = max(budget, 1) if max_rows is None else max_rows
+        r_all = torch.zeros((width, r_width), dtype=torch.uint8, device=device)
+        r_all[:kept] = r_in[:kept]
+        flat = _unpack(r_all, rows_schema)
+        cu = torch.zeros(batch_size + 1, dtype=torch.int64, device=device)
+        torch.cumsum(length * valid, 0, out=cu[1:])
+        mask = torch.arange(width, device=device) < cu[-1]
+        flat["index"] = torch.where(mask, flat["index"], -1)
+        for key in ("is_first", "is_last"):
+            flat[key] = flat[key] & mask
+        result = unflatten({p: t for p, t in flat.items()})
+        result.update({k: v for k, v in out.items() if k != "length"})
+        result.update(length=length * valid, valid=valid, cu_seqlens=cu, mask=mask, num_rows=cu[-1],
+                      rank=torch.sort(owner).values)
+        if "truncated" in result:
+            result["truncated"] = result["truncated"] & valid
+        return result
 
     def episode_stats(self, last_rows: int | None = None, *, scope: str = "local") -> dict[str, torch.Tensor]:
         """:meth:`ReplayBuffer.episode_stats` of this rank's shard, or (``scope="global"``) of
@@ -355,6 +436,16 @@ def _probe(buf: ReplayBuffer, draw) -> list[tuple[str, tuple[int, ...], str]]:
         ix.state.copy_(cursors)
         buf._rng.offset = offset
     return [(p, tuple(t.shape[1:]), str(t.dtype).removeprefix("torch.")) for p, t in out.items()]
+
+
+def _episode_parts(batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A packed episode batch split into per-episode entries [B] and per-row tensors [rows]."""
+    from .episodes import EPISODE_KEYS
+
+    entries = {k: batch[k] for k in ("length", "lane", "episode_return", "truncated", "valid") if k in batch}
+    rows = {p: t for p, t in flatten({k: v for k, v in batch.items()
+                                      if k not in EPISODE_KEYS and k != "mask"}, "sample").items()}
+    return entries, rows
 
 
 def _pack(flat: dict[str, torch.Tensor], schema) -> torch.Tensor:

@@ -121,6 +121,35 @@ def checks(rank: int, world: int, device: torch.device, tmp: str) -> None:
     stat = float(((per_rank[1:] - expected) ** 2 / expected).sum())
     assert world <= 2 or stat < CHI2_999[world - 2], (stat, per_rank, expected)
 
+    # Global episodes: uniform over every rank's finished episodes (rank r's last 2 + 2r rows),
+    # each arriving whole with its owner's rows.
+    finished = torch.tensor([N * (40 // (2 + 2 * r)) for r in range(world)], dtype=torch.float64)
+    assert int(seq.local.num_episodes) == int(finished[rank])
+    per_rank = torch.zeros(world)
+    for _ in range(3):
+        eps = {k: v.cpu() for k, v in seq.sample_episodes(300, scope="global").items()}
+        assert eps["valid"].all() and eps["rank"].shape == (300,)
+        length, cu, owner = eps["length"], eps["cu_seqlens"], eps["rank"]
+        assert torch.equal(length, 2 + 2 * owner) and int(eps["num_rows"]) == int(length.sum())
+        assert eps["mask"].all() and eps["obs"].shape[0] == int(length.sum())
+        who = torch.repeat_interleave(owner, length)
+        rows = eps["index"] // N
+        assert torch.equal(eps["obs"][:, 0], who.float()) and torch.equal(eps["obs"][:, 2], rows.float())
+        assert torch.equal(eps["obs"][:, 1], torch.repeat_interleave(eps["lane"], length).float())
+        assert torch.equal(eps["is_first"], torch.zeros_like(eps["mask"]).index_fill_(0, cu[:-1], True))
+        assert torch.equal(eps["is_last"], torch.zeros_like(eps["mask"]).index_fill_(0, cu[1:] - 1, True))
+        step_ = rows[1:] - rows[:-1]
+        inside = ~eps["is_first"][1:]
+        assert (step_[inside] == 1).all()
+        per_rank += torch.bincount(owner, minlength=world)
+    expected = finished / finished.sum() * per_rank.sum()
+    stat = float(((per_rank - expected) ** 2 / expected).sum())
+    assert stat < CHI2_999[world - 1], (stat, per_rank, expected)
+    budget = seq.sample_episodes(50, max_rows=60, scope="global")
+    assert budget["mask"].shape == (60,) and int(budget["num_rows"]) <= 60
+    assert int(budget["length"].sum()) == int(budget["num_rows"]) == int(budget["mask"].sum())
+    assert not budget["valid"].all() and (budget["length"][~budget["valid"]] == 0).all()
+
     local = shard.episode_stats()
     assert int(local["count"]) < int(shard.episode_stats(scope="global")["count"])
 
