@@ -5,8 +5,9 @@
 Spawns ``--world`` processes (gloo on CPU; nccl puts rank r on GPU r), each holding a shard of
 2^18 transitions from 1024 lanes (obs float32[64], action float32[12], reward, flags, final
 observations), and times, interleaved and behind a barrier, ``sample(4096)`` (local) and
-``sample(4096, scope="global")``, and the same for ``sample_sequences(256, 32)``; reports the
-median ratios and the bytes each rank sends and receives per global transition call.
+``sample(4096, scope="global")``, and the same for ``sample_sequences(256, 32)`` and
+``sample_episodes(64)``; reports the median ratios and the bytes each rank sends and receives
+per global transition call.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def run(rank: int, world: int, port: int, backend: str, repeats: int, queue) -> 
                  "reward": torch.randn(LANES, generator=g, device=device)},
                 terminated=torch.rand(LANES, generator=g, device=device) < 0.01,
                 final_obs=torch.randn(LANES, OBS, generator=g, device=device))
-    times: dict[str, list[float]] = {"local": [], "global": [], "seq local": [], "seq global": []}
+    times: dict[str, list[float]] = {"local": [], "global": [], "seq local": [], "seq global": [],
+                                     "ep local": [], "ep global": []}
     for i in range(repeats + 3):
         for name in times:
             scope = name.split()[-1]
@@ -53,6 +55,8 @@ def run(rank: int, world: int, port: int, backend: str, repeats: int, queue) -> 
             t0 = time.perf_counter()
             if name.startswith("seq"):
                 buf.sample_sequences(256, 32, scope=scope)
+            elif name.startswith("ep"):
+                buf.sample_episodes(64, scope=scope)
             else:
                 out = buf.sample(BATCH, scope=scope)
             if device.type == "cuda":
@@ -99,13 +103,15 @@ def main() -> None:
     prov = provenance(torch.device("cuda" if args.backend == "nccl" else "cpu"))
     ratio = r["global_s"] / r["local_s"]
     seq_ratio = r["seq_global_s"] / r["seq_local_s"]
+    ep_ratio = r["ep_global_s"] / r["ep_local_s"]
     print(f"# W10 on {prov['device']}, {args.backend}, {args.world} processes, commit {prov['commit']}: "
           f"global sample({BATCH}) takes {ratio:.2f}x a local one; each rank receives {moved / 1e6:.2f} MB "
           f"({r['item_bytes']} B per item) and sends as much on average, plus 16 B per rank of counts; "
-          f"global sample_sequences(256, 32) takes {seq_ratio:.2f}x a local one")
+          f"global sample_sequences(256, 32) takes {seq_ratio:.2f}x a local one; "
+          f"global sample_episodes(64) takes {ep_ratio:.2f}x a local one")
     out = args.out or os.path.join(os.path.dirname(__file__), "results")
     row = {"world": args.world, "batch": BATCH, "item_bytes": r["item_bytes"], "bytes_received_per_call": moved,
-           "global_vs_local": ratio, "sequences_global_vs_local": seq_ratio}
+           "global_vs_local": ratio, "sequences_global_vs_local": seq_ratio, "episodes_global_vs_local": ep_ratio}
     print(f"wrote {write_rows(out, f'distributed_{args.backend}.csv', [row], prov)}")
 
 if __name__ == "__main__":

@@ -90,14 +90,22 @@ class ShardedReplayBuffer:
         ``autoreset="next_step"`` a shard's reset rows count too (its owner draws around them). Per call the group exchanges each rank's drawable count and
         per-owner request counts (8 bytes per rank each), then every item's bytes once (the
         sum of its leaves' and flags' sizes), and reads the counts on the host (the split sizes
-        of the exchange): on CUDA that is one sync. Global draws are uniform; a prioritized
-        buffer samples locally."""
+        of the exchange): on CUDA that is one sync.
+
+        Prioritized shards (``priority_alpha=...``): items are drawn in proportion to their
+        priority over the whole group (owners in proportion to their shards' priority mass,
+        all-gathered with their smallest priority, 16 bytes per rank; each owner draws its
+        share by priority), and ``weight`` is normalized over the group: by the largest weight
+        of any rank's stored data, that is, from the group's smallest priority. Feed the new
+        priorities back with :meth:`update_priorities` and the sample's ``rank``."""
         scope = self._scope(scope)
         if scope == "local":
             return self.local.sample(batch_size, **options)
         batch_size = positive_int(batch_size, "batch_size", MAX_BATCH)
         schema = self._schema(("transitions", sorted(options.items())), lambda buf: buf.sample(1, **options), 2)
         device, buf = self._device(), self.local
+        if buf.priority_alpha is not None:
+            return self._sample_prioritized(batch_size, options, schema, device)
         sizes = self._proposals("sample", 2, device)
         owner = torch.multinomial(sizes.to(torch.float64), batch_size, replacement=True,
                                   generator=self._generator(device))
@@ -106,6 +114,83 @@ class ShardedReplayBuffer:
         out = unflatten(_unpack(received, schema))
         out["rank"] = torch.sort(owner).values
         return out
+
+    def _sample_prioritized(self, batch_size: int, options: dict[str, Any], schema, device: torch.device) -> dict[str, Any]:
+        buf = self.local
+        beta = buf._beta(options.get("priority_beta"))
+        mine = torch.tensor([0.0, math.inf], dtype=torch.float64, device=device)
+        if buf.index is not None and buf.num_adds >= 2:
+            mine = torch.stack([buf._tree.total.double(), buf._tree.smallest.double()])
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(parts, mine, group=self.group)
+        table = torch.stack(parts)  # [world, (mass, smallest leaf)]
+        mass = table[:, 0]
+        if not bool(mass.sum() > 0):
+            raise ValueError("sample: no rank holds a transition with a priority to draw yet")
+        smallest = torch.where(mass > 0, table[:, 1], math.inf).min()
+        owner = torch.multinomial(mass, batch_size, replacement=True, generator=self._generator(device))
+        width = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in schema)
+        received = self._exchange(owner, lambda n: buf.sample(n, **options), schema, width, device)
+        out = unflatten(_unpack(received, schema))
+        rank = torch.sort(owner).values
+        # The owner's weights are (leaf / its smallest leaf) ** -beta; over the group the
+        # smallest leaf is the group's: the factor (its smallest / the group's) ** -beta.
+        factor = torch.exp(torch.log(table[rank, 1] / smallest) * -beta)
+        out["weight"] = (out["weight"].double() * factor).float()
+        out["rank"] = rank
+        return out
+
+    def update_priorities(self, index: Any, priority: Any, *, rank: Any = None, check: bool = False) -> None:
+        """``rank=None``: :meth:`ReplayBuffer.update_priorities` of this rank's shard (ids from a
+        local sample). With ``rank`` (a global sample's ``"rank"``): collective; each id and its
+        priority go to their owner with ``all_to_all_single`` (12 bytes per item, after the
+        per-owner counts), which applies them, and the largest priority applied so far becomes
+        the group's on every rank (an ``all_reduce``), so that new transitions everywhere enter
+        with it. A call that a rank refuses raises the same ValueError on every rank."""
+        buf = self.local
+        if rank is None:
+            buf.update_priorities(index, priority, check=check)
+            return
+        device = self._device()
+        problem, parts = None, None
+        try:
+            if buf.priority_alpha is None:
+                raise ValueError("update_priorities: the shards sample uniformly (priority_alpha=None)")
+            if buf.index is None:
+                raise ValueError("update_priorities: this rank's shard is empty")
+            parts = [torch.as_tensor(v, device=device).detach().reshape(-1) for v in (index, priority, rank)]
+            index_t, priority_t, rank_t = parts
+            if any(t.dtype.is_floating_point or t.dtype == torch.bool for t in (index_t, rank_t)):
+                raise TypeError("index, rank: expected integer tensors (a global sample's 'index' and 'rank')")
+            if not (index_t.numel() == priority_t.numel() == rank_t.numel()):
+                raise ValueError(f"priority, rank: expected one per index ({index_t.numel()}), got "
+                                 f"{priority_t.numel()} and {rank_t.numel()}")
+            if rank_t.numel() and bool(((rank_t < 0) | (rank_t >= self.world_size)).any()):
+                raise ValueError(f"rank: expected ranks in [0, {self.world_size})")
+            if check and not bool((torch.isfinite(priority_t) & (priority_t >= 0)).all()):
+                raise ValueError("priority: expected finite values >= 0")
+        except (TypeError, ValueError) as err:
+            problem = f"{type(err).__name__}: {err}"
+        flag = torch.tensor([problem is not None], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if int(flag):
+            problems: list[Any] = [None] * self.world_size
+            dist.all_gather_object(problems, problem, group=self.group)
+            raise ValueError("update_priorities: " + "; ".join(f"rank {r}: {p}" for r, p in enumerate(problems) if p))
+        index_t, priority_t, rank_t = parts
+        order = torch.argsort(rank_t, stable=True)
+        counts_to = torch.bincount(rank_t, minlength=self.world_size)
+        counts_from = torch.empty_like(counts_to)
+        dist.all_to_all_single(counts_from, counts_to, group=self.group)
+        sent, got = counts_to.tolist(), counts_from.tolist()
+        ids = torch.empty(sum(got), dtype=torch.int64, device=device)
+        dist.all_to_all_single(ids, index_t.to(torch.int64)[order].contiguous(), output_split_sizes=got,
+                               input_split_sizes=sent, group=self.group)
+        values = torch.empty(sum(got), dtype=torch.float32, device=device)
+        dist.all_to_all_single(values, priority_t.to(torch.float32)[order].contiguous(), output_split_sizes=got,
+                               input_split_sizes=sent, group=self.group)
+        buf.update_priorities(ids, values)
+        dist.all_reduce(buf._tree.maxp, op=dist.ReduceOp.MAX, group=self.group)
 
     def sample_sequences(self, batch_size: int, length: int, *, scope: str = "local",
                          **options: Any) -> dict[str, Any]:
@@ -328,8 +413,8 @@ class ShardedReplayBuffer:
         transitions whose successor is written), all-gathered; read on the host once (the split
         sizes of the exchange need it anyway) to refuse a group with none."""
         if self.local.priority_alpha is not None:
-            raise ValueError(f"{what}: scope='global' draws uniformly over the shards; a prioritized "
-                             f"buffer samples with scope='local'")
+            raise ValueError(f"{what}: scope='global' draws windows and episodes uniformly over the "
+                             f"shards; a prioritized buffer samples them with scope='local'")
         buf = self.local
         mine = torch.zeros(1, dtype=torch.int64, device=device)
         if buf.index is not None and span <= buf.rows:

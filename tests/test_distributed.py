@@ -77,6 +77,48 @@ def checks(rank: int, world: int, device: torch.device, tmp: str) -> None:
     out = buf.sample(256, scope="global", n_step=3, gamma=0.5)
     assert {"return", "discount", "n_steps", "rank"} <= out.keys()
 
+    # Prioritized shards: rank r's transitions all have priority r + 1, so global draws favour
+    # the higher ranks in that proportion, and weights are normalized over the group.
+    alpha, beta = 1.0, 0.5
+    pr = ShardedReplayBuffer(64 * N, N, seed=3, done_marks="last", device=device, priority_alpha=alpha)
+    for t in range(20):
+        pr.add(step(rank, t), torch.zeros(N, dtype=torch.bool, device=device))
+    ids = torch.arange(19 * N, device=device)  # every drawable transition of this shard
+    pr.update_priorities(ids, torch.full((19 * N,), float(rank + 1), device=device))
+    per_rank = torch.zeros(world)
+    for _ in range(3):
+        out = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in
+               pr.sample(2000, scope="global", priority_beta=beta).items()}
+        owner = out["rank"]
+        assert torch.equal(out["obs"][:, 0], owner.float())
+        leaf = (owner.double() + 1 + 1e-6) ** alpha
+        want = (leaf / (1 + 1e-6) ** alpha) ** -beta
+        assert torch.allclose(out["weight"].double(), want, rtol=1e-5), (out["weight"][:5], want[:5])
+        per_rank += torch.bincount(owner, minlength=world)
+    share = torch.arange(1, world + 1, dtype=torch.float64)
+    expected = share / share.sum() * per_rank.sum()
+    stat = float(((per_rank - expected) ** 2 / expected).sum())
+    assert world == 1 or stat < CHI2_999[world - 1], (stat, per_rank, expected)
+    # Routed updates: each id of a global sample reaches its owner; the largest priority becomes
+    # the group's on every rank.
+    out = pr.sample(512, scope="global", priority_beta=beta)
+    sent = {(int(r), int(i)) for r, i in zip(out["rank"].tolist(), out["index"].tolist())}
+    pr.update_priorities(out["index"], torch.full((512,), 50.0 + rank, device=device), rank=out["rank"])
+    everyone = [None] * world
+    dist.all_gather_object(everyone, sent)
+    mine = {i for s_ in everyone for r, i in s_ if r == rank}
+    tree = pr.local._tree
+    big = {int(k) for k in (tree.leaf[:19 * N] > 40).nonzero().flatten().tolist()}
+    assert big == mine, (sorted(big)[:10], sorted(mine)[:10])
+    assert float(tree.maxp) == pytest.approx(50.0 + (world - 1) + 1e-6)
+    try:
+        pr.update_priorities(out["index"], torch.ones(512, device=device),
+                             rank=out["rank"] if rank else out["rank"][:3])
+    except ValueError as err:
+        assert "rank 0" in str(err) and "expected one per index" in str(err), err
+    else:
+        raise AssertionError("a malformed routed update was not refused on every rank")
+
     # Statistics over the group equal a single buffer fed every rank's rows as its lanes.
     shard = ShardedReplayBuffer(64 * N, N, seed=1, done_marks="last", device=device)
     whole = ReplayBuffer(64 * N * world, N * world, seed=1, done_marks="last", device=device)

@@ -211,3 +211,13 @@ def test_loading_example_reads_windows_with_workers():
     out = loading.main(["--workers", "0,2", "--num-envs", "8", "--steps", "4000", "--batch", "64",
                         "--batches", "5"])
     assert [r["workers"] for r in out] == [0, 2] and all(r["windows_per_s"] > 0 for r in out)
+
+
+def test_sharded_example_trains_from_every_rank_through_global_batches():
+    import sharded
+
+    out = sharded.main(["--procs", "2", "--iterations", "60", "--num-envs", "32", "--batch", "128",
+                        "--rows", "64"])
+    first, last = out["rows"][0], out["rows"][-1]
+    assert out["rank_adds"] == 8 + 60 and last["env_steps"] == 68 * 32 * 2
+    assert last["model_mse"] < 0.5 * last["no_change_mse"] and last["model_mse"] < first["model_mse"]
