@@ -413,8 +413,8 @@ class ShardedReplayBuffer:
         transitions whose successor is written), all-gathered; read on the host once (the split
         sizes of the exchange need it anyway) to refuse a group with none."""
         if self.local.priority_alpha is not None:
-            raise ValueError(f"{what}: scope='global' draws windows and episodes uniformly over the "
-                             f"shards; a prioritized buffer samples them with scope='local'")
+            raise ValueError(f"{what}: global windows are drawn uniformly over the shards; a prioritized "
+                             f"buffer draws its windows with scope='local'")
         buf = self.local
         mine = torch.zeros(1, dtype=torch.int64, device=device)
         if buf.index is not None and span <= buf.rows:

@@ -270,12 +270,14 @@ def test_a_host_mirror_is_fed_without_host_syncs_and_holds_what_a_direct_add_wou
         assert torch.equal(a[k], b[k]), k
 
 
-def test_workers_of_a_shared_buffer_feed_the_gpu_through_pinned_memory():
+@pytest.mark.parametrize("storage", ["shared", "disk"])
+def test_workers_of_a_shared_buffer_feed_the_gpu_through_pinned_memory(storage, tmp_path):
     from torch.utils.data import DataLoader
 
     from gpubuffers import BufferDataset
 
-    buf = ReplayBuffer(64 * 8, 8, device="cpu", storage="shared", done_marks="last", seed=0)
+    where = {"path": tmp_path / "b"} if storage == "disk" else {}
+    buf = ReplayBuffer(64 * 8, 8, device="cpu", storage=storage, done_marks="last", seed=0, **where)
     for t in range(40):
         buf.add({"obs": torch.full((8, 3), float(t)), "reward": torch.ones(8)}, torch.zeros(8, dtype=torch.bool))
     loader = DataLoader(BufferDataset(buf, 32, kind="sequences", length=4, num_batches=6), batch_size=None,

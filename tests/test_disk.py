@@ -364,7 +364,7 @@ def kill_rounds(tmp_path, marks, autoreset, rounds, rows=24, flush=5):
 
 @pytest.mark.parametrize("marks,autoreset", [("last", "same_step"), ("first", "next_step")])
 def test_a_writer_killed_at_random_moments_always_reopens_clean(tmp_path, marks, autoreset):
-    kill_rounds(tmp_path, marks, autoreset, rounds=3)
+    kill_rounds(tmp_path, marks, autoreset, rounds=2)
 
 
 @pytest.mark.slow

@@ -118,6 +118,18 @@ def checks(rank: int, world: int, device: torch.device, tmp: str) -> None:
         assert "rank 0" in str(err) and "expected one per index" in str(err), err
     else:
         raise AssertionError("a malformed routed update was not refused on every rank")
+    try:
+        pr.sample_sequences(8, 2, scope="global")
+    except ValueError as err:
+        assert "draws its windows with scope='local'" in str(err), err
+    else:
+        raise AssertionError("prioritized global windows were drawn")
+    try:
+        pr.sample_episodes(4, scope="global")  # no episode has ended on any rank yet
+    except ValueError as err:
+        assert "no rank holds a finished episode" in str(err), err
+    else:
+        raise AssertionError("episodes drawn from shards that hold none")
 
     # Statistics over the group equal a single buffer fed every rank's rows as its lanes.
     shard = ShardedReplayBuffer(64 * N, N, seed=1, done_marks="last", device=device)
