@@ -1,11 +1,12 @@
 """``python -m gpubuffers inspect PATH [--plot FILE.png]``: what a checkpoint holds, read on the
-CPU without building a buffer: leaves, shapes, dtypes, bytes, rows, episodes, their mean length
-and return; with ``--plot``, histograms of the stored episodes' lengths and returns and the live
-rows per lane."""
+CPU without building a buffer (or, for the folder of a ``storage="disk"`` buffer, opened
+read-only): leaves, shapes, dtypes, bytes, rows, episodes, their mean length and return; with
+``--plot``, histograms of the stored episodes' lengths and returns and the live rows per lane."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -40,8 +41,17 @@ def summary(sd: dict) -> dict:
             "live_per_lane": (start != SENTINEL).sum(0)}
 
 
+def read(path: str) -> dict:
+    """The state dict of a checkpoint file, or of the disk buffer in the folder ``path``."""
+    if os.path.isdir(path):
+        from .buffer import ReplayBuffer
+
+        return ReplayBuffer.open(path).state_dict()
+    return checkpoint.read(path)
+
+
 def inspect(path: str, plot: str | None = None, out=sys.stdout) -> dict:
-    s = summary(checkpoint.read(path))
+    s = summary(read(path))
     st = s["settings"]
     alpha = st["priority_alpha"]
     print(f"{path}: capacity {st['capacity']} ({s['rows']} rows x {s['lanes']} lanes), {s['adds']} adds, "
@@ -76,7 +86,7 @@ def inspect(path: str, plot: str | None = None, out=sys.stdout) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpubuffers", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    ins = sub.add_parser("inspect", help="print what a checkpoint holds")
+    ins = sub.add_parser("inspect", help="print what a checkpoint (or a disk buffer's folder) holds")
     ins.add_argument("path")
     ins.add_argument("--plot", default=None, help="PNG of episode lengths, returns and live rows per lane")
     args = p.parse_args(argv)

@@ -219,6 +219,21 @@ def test_a_writer_that_stops_without_closing_reopens_at_its_last_flush(tmp_path,
     check_items(again)
 
 
+def test_inspect_reads_a_disk_buffer_folder(tmp_path):
+    import io
+
+    from gpubuffers.__main__ import inspect
+    b = ReplayBuffer(16 * N, N, storage="disk", path=tmp_path / "b", done_marks="last")
+    m = ReplayBuffer(16 * N, N, done_marks="last")
+    for t in range(40):
+        add(b, t), add(m, t)
+    b.close()
+    text = io.StringIO()
+    s = inspect(str(tmp_path / "b"), out=text)
+    assert s["adds"] == 40 and s["episodes"] == int(m.episode_stats()["count"]) > 0
+    assert "40 adds, 16 live rows" in text.getvalue() and "| obs | (3,) | float32 |" in text.getvalue()
+
+
 def test_errors_name_the_argument_and_change_nothing(tmp_path):
     with pytest.raises(ValueError, match="path: storage='disk' needs"):
         ReplayBuffer(8 * N, N, storage="disk")

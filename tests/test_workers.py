@@ -189,19 +189,25 @@ def test_workers_sample_the_live_buffer(context, workers, storage):
     assert all(not torch.equal(first[i], first[j]) for i in range(workers) for j in range(i))
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")  # 4 workers on a 2-core machine
 @pytest.mark.parametrize("storage", STORAGES)
-def test_workers_split_num_batches_and_repeat_under_a_seeded_loader(storage):
+@pytest.mark.parametrize("workers", [2, 4])
+def test_workers_split_num_batches_and_repeat_under_a_seeded_loader(storage, workers):
     owner = shared(rows=32, adds=30, storage=storage)
-    ds = BufferDataset(owner, 16, kind="sequences", length=3, num_batches=5)
+    ds = BufferDataset(owner, 16, kind="sequences", length=3, num_batches=10)
 
     def run():
         g = torch.Generator().manual_seed(123)
-        return list(DataLoader(ds, batch_size=None, num_workers=2, generator=g))
+        return list(DataLoader(ds, batch_size=None, num_workers=workers, generator=g))
 
     first, again = run(), run()
-    assert len(first) == len(ds) == 5
+    assert len(first) == len(ds) == 10
     _check_batches(first, "sequences")
     assert all(torch.equal(a["index"], b["index"]) for a, b in zip(first, again))
+    # Each worker samples the whole buffer, and the workers' batches differ.
+    rows = torch.cat([b["index"][b["valid"]] // N for b in first])
+    assert int(rows.min()) <= 2 and int(rows.max()) >= 27
+    assert len({tuple(b["index"].flatten().tolist()) for b in first}) == len(first)
 
 
 def concurrent_reads(kind: str, batches: int, seconds: float, storage: str = "shared", **kw) -> tuple[int, int]:
