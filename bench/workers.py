@@ -3,7 +3,7 @@ W9: the cost of an add that also writes a host mirror; W11: windows per second f
 through workers.
 
 ``python -m bench.workers [--quick] [--capacity LOG2] [--workers 0,1,2,4] [--device DEV] [--out DIR]
-[--disk-capacity LOG2] [--disk-path FOLDER]``
+[--disk-capacity LOG2] [--disk-path FOLDER] [--only w12]``
 
 A CPU buffer with ``storage="shared"`` (N=1024 lanes, obs float32[64], action float32[12],
 episodes of 50-150 rows) is filled past one wrap; then a ``BufferDataset`` of
@@ -17,6 +17,11 @@ W11 fills a disk buffer (``storage="disk"``, memory-mapped files, the same steps
 quick: 2^18) and reads the same windows from it with 0, 2 and 4 workers, against the in-process
 sampling of a shared buffer of the same size filled with the same rows (the baseline), in the
 same run.
+
+W12 times ``add`` of 4096 lanes (obs float32[64], action float32[12], reward, flags, final
+observations: about 2.3 MB a row) into a 2^20-slot disk buffer, with its default ``flush_every``
+and with ``rows // 2``, against the same add into a memory buffer, interleaved in one run: what
+writing every row to the disk costs.
 
 W9 times ``add`` (N=4096 lanes, obs float32[64], action float32[12], reward, flags and final
 observations) of a 2^20-slot buffer on ``--device`` with a 2^22-slot CPU mirror in shared memory
@@ -129,9 +134,14 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for workers_cpu.csv (default bench/results)")
     p.add_argument("--disk-capacity", type=int, default=None, help="log2 of W11's capacity (default 24, quick 18)")
     p.add_argument("--disk-path", default=None, help="where W11's disk buffer is written (default: the temp folder)")
+    p.add_argument("--only", choices=("w12",), default=None, help="run only W12 (add into disk buffers)")
     args = p.parse_args()
     from .__main__ import provenance
 
+    if args.only == "w12":
+        out = args.out or os.path.join(os.path.dirname(__file__), "results", *(["quick"] if args.quick else []))
+        run_disk_add(out, 3 if args.quick else 10)
+        return
     capacity = 1 << (args.capacity or (20 if args.quick else 22))
     counts = [int(k) for k in args.workers.split(",")]
     if 0 not in counts:
@@ -161,6 +171,58 @@ def main() -> None:
     tag = "cuda" if device.type == "cuda" else "cpu"
     print(f"wrote {write_rows(out, f'mirror_{tag}.csv', [mirror], prov)}")
     run_disk(args, out, batches, warmup)
+    run_disk_add(out, 3 if args.quick else 10)
+
+
+def run_disk_add(out: str, repeats: int) -> None:
+    """W12: add into disk buffers (default and rows // 2 flush intervals) against memory."""
+    from .__main__ import provenance
+
+    lanes = 4096
+    g = torch.Generator().manual_seed(0)
+    pool = [({"obs": torch.randn(lanes, OBS, generator=g), "action": torch.randn(lanes, ACT, generator=g),
+              "reward": torch.randn(lanes, generator=g)}, torch.rand(lanes, generator=g) < 0.01,
+             torch.randn(lanes, OBS, generator=g)) for _ in range(8)]
+    folder = tempfile.mkdtemp(prefix="gpubuffers-w12-")
+    try:
+        bufs = {"memory": ReplayBuffer(1 << 20, lanes, done_marks="last", seed=0)}
+        rows = bufs["memory"].rows
+        for every in (None, rows // 2):
+            b = ReplayBuffer(1 << 20, lanes, done_marks="last", seed=0, storage="disk", flush_every=every,
+                             path=os.path.join(folder, f"f{every}"))
+            bufs[f"disk, flush_every={b.flush_every}"] = b
+        counters = dict.fromkeys(bufs, 0)
+
+        def add(name):
+            def fn():
+                s, done, final = pool[counters[name] % len(pool)]
+                counters[name] += 1
+                bufs[name].add(s, terminated=done, final_obs=final)
+            return fn
+
+        inner = rows // 2  # a multiple of every flush interval timed: flushes amortized exactly
+        for name in bufs:  # past one wrap: every page of the files exists
+            for _ in range(rows + 8):
+                add(name)()
+        times = interleaved({k: add(k) for k in bufs}, torch.device("cpu"), warmup=0, repeats=repeats, inner=inner)
+        row_bytes = sum(t[0].numel() * t.element_size() for t in bufs["memory"].storage.values()) + \
+            lanes * OBS * 4  # the row of every leaf, and the final observations' writes
+        for b in bufs.values():
+            b.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    base = times["memory"].median_s
+    prov = provenance(torch.device("cpu"))
+    print(f"\n# W12 on {prov['device']}: add of {lanes} lanes ({row_bytes / 1e6:.1f} MB a row) into a 2^20-slot "
+          f"buffer, interleaved\n")
+    print("| storage | add time vs memory | rows written per second |")
+    print("|---|---|---|")
+    result = []
+    for name, t in times.items():
+        result.append({"storage": name, "median_s": t.median_s, "vs_memory": t.median_s / base,
+                       "row_mb_per_s": row_bytes / t.median_s / 1e6})
+        print(f"| {name} | {t.median_s / base:.2f}x | {1 / t.median_s:,.0f} ({row_bytes / t.median_s / 1e6:,.0f} MB/s) |")
+    print(f"wrote {write_rows(out, 'disk_add_cpu.csv', result, prov)}")
 
 
 def run_disk(args, out: str, batches: int, warmup: int) -> None:
