@@ -168,7 +168,8 @@ class ReplayBuffer(Lanes):
                 raise TypeError(f"overwrite: expected a bool, got {overwrite!r}")
             self._path = disk.check_new(path, overwrite)
             rows = capacity // lanes
-            self.flush_every = (max(1, rows // 64) if flush_every is None
+            #: Adds between flushes; None until the first add sets the default (see ``flush_every``).
+            self.flush_every = (None if flush_every is None
                                 else positive_int(flush_every, "flush_every", max(1, rows // 2)))
         else:
             for name, value in (("path", path), ("flush_every", flush_every)):
@@ -931,12 +932,18 @@ class ReplayBuffer(Lanes):
                              f"{self.capacity} ({rows} rows x {lanes} lanes), and {free:,} bytes are free; "
                              f"largest leaves {listed}; {others}; {lower}")
         if self.storage_kind == "disk":
+            given, every = self.flush_every, self.flush_every
+            if every is None:  # rows // 64, or 64 MiB of rows if that is more; at most rows // 2
+                row_bytes = -(-sum(leaf_bytes.values()) // rows)
+                every = max(1, min(rows // 2, max(rows // 64, -(-disk.FLUSH_BYTES // row_bytes))))
             files, whole, index = disk.create(self._path, self._overwrite, checkpoint.settings_of(self), specs, narrow,
                                               sizes, rows, lanes)
             try:
+                self.flush_every = every
                 attrs = self._attached(specs, device, files, whole, index)
                 disk.write_header(files, self._disk_counters(0, 0, [0] * lanes, clean=True, offset=0))
             except BaseException:
+                self.flush_every = given
                 files.discard()
                 raise
             return attrs

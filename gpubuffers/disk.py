@@ -38,6 +38,10 @@ import torch
 
 from .layout import SENTINEL, STATE_SIZE
 
+#: The default flush interval writes at least this many bytes of rows per flush (or rows // 64
+#: adds if that is more, at most rows // 2): a flush is a sync of the files plus three fsyncs.
+FLUSH_BYTES = 64 << 20
+
 HEADER = "gpubuffers.json"
 LOCK = ".lock"
 FORMAT = "gpubuffers-disk"
