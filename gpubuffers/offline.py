@@ -147,7 +147,7 @@ def from_minari(dataset: Any, buffer, *, obs_key: str = "obs", action_key: str =
         return tensor(tree[i])
 
     added = 0
-    pending = None  # first mode: the end (terminated, truncated, final obs) the next add brings
+    pending = None  # first mode: the end the next add brings (terminated, truncated, final obs, zero action)
     flag = lambda v: torch.tensor(v).reshape(lane or ())  # noqa: E731
     for ep in dataset.iterate_episodes():
         length = len(ep.rewards)
