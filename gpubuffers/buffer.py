@@ -450,9 +450,7 @@ class ReplayBuffer(Lanes):
         """
         if not isinstance(writable, bool):
             raise TypeError(f"writable: expected a bool, got {writable!r}")
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path: expected a folder path (str or os.PathLike), got {type(path).__name__}")
-        path = os.path.abspath(os.fspath(path))
+        path = disk.folder(path)
         header = disk.read_header(path)
         settings = dict(header["settings"])
         settings["storage_dtypes"] = {k: checkpoint.DTYPES[d] for k, d in settings.get("storage_dtypes", {}).items()}

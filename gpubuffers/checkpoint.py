@@ -33,8 +33,14 @@ DTYPES = {str(d).removeprefix("torch."): d for d in (
       if hasattr(torch, n)))}
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def specs_header(specs: dict, narrow: dict) -> dict[str, Any]:
+    """Leaf specs as JSON values: shape, dtype and (where narrowed) the stored dtype."""
+    return {p: {"shape": list(s.shape), "dtype": dtype_name(s.dtype),
+                **({"stored": dtype_name(narrow[p])} if p in narrow else {})} for p, s in specs.items()}
 
 
 def settings_of(buf) -> dict[str, Any]:
@@ -45,7 +51,7 @@ def settings_of(buf) -> dict[str, Any]:
             "reward_key": buf.reward_key, "final_obs_capacity": buf._final_rows * buf._lanes,
             "max_proposals": buf.max_proposals, "backend": buf._backend,
             "priority_alpha": buf.priority_alpha, "priority_eps": buf.priority_eps,
-            "storage_dtypes": {k: _dtype_name(d) for k, d in buf.storage_dtypes.items()},
+            "storage_dtypes": {k: dtype_name(d) for k, d in buf.storage_dtypes.items()},
             "check_finite": buf.check_finite}
 
 
@@ -69,9 +75,7 @@ def state_dict(buf) -> dict[str, Any]:
     header = {
         "format": FORMAT,
         "settings": settings_of(buf),
-        "specs": {p: {"shape": list(s.shape), "dtype": _dtype_name(s.dtype),
-                      **({"stored": _dtype_name(buf._narrow[p])} if p in buf._narrow else {})}
-                  for p, s in buf._specs.items()},
+        "specs": specs_header(buf._specs, buf._narrow),
         "counters": {"adds": buf._total, "episode_rows": buf._episode_rows, "rng_offset": buf._rng.offset,
                      "generator_device": buf._rng.generator.device.type},
         "device": buf._device.type,
@@ -90,7 +94,7 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
             "autoreset": buf.autoreset, "next_keys": list(buf.next_keys), "reward_key": buf.reward_key,
             "final_obs_capacity": buf._final_rows * buf._lanes, "priority_alpha": buf.priority_alpha,
             "priority_eps": buf.priority_eps,
-            "storage_dtypes": {k: _dtype_name(d) for k, d in buf.storage_dtypes.items()}}
+            "storage_dtypes": {k: dtype_name(d) for k, d in buf.storage_dtypes.items()}}
     for k, v in mine.items():
         if settings.get(k, {} if k == "storage_dtypes" else None) != v:
             raise ValueError(f"state_dict: saved with {k}={settings.get(k)!r}, this buffer has {k}={v!r}")
@@ -179,7 +183,7 @@ def save(buf, path: str | os.PathLike) -> None:
     digest = hashlib.sha256()
     for name in sorted(sd["tensors"]):
         t = sd["tensors"][name].detach().contiguous().cpu()
-        shapes[name] = {"shape": list(t.shape), "dtype": _dtype_name(t.dtype)}
+        shapes[name] = {"shape": list(t.shape), "dtype": dtype_name(t.dtype)}
         b = t.reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
         digest.update(b.numpy().tobytes())
         raw[name] = b

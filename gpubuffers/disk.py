@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .checkpoint import dtype_name, specs_header
 from .layout import SENTINEL, STATE_SIZE
 
 #: The default flush interval writes at least this many bytes of rows per flush (or rows // 64
@@ -59,10 +60,6 @@ INDEX_FILES = {
     "stats-rows": (torch.float64, lambda t, n: (t, 3)),
     "stats-totals": (torch.float64, lambda t, n: (3,)),
 }
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -155,12 +152,17 @@ def read_header(path: str) -> dict[str, Any]:
     return header
 
 
+def folder(path: Any) -> str:
+    """``path`` as an absolute folder path; a TypeError for anything but a str or os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a folder path (str or os.PathLike), got {type(path).__name__}")
+    return os.path.abspath(os.fspath(path))
+
+
 def check_new(path: Any, overwrite: bool) -> str:
     """The folder a new disk buffer will write: absent, empty, or (with ``overwrite``) holding
     a disk buffer. Anything else is a ValueError; nothing is written here."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path: expected a folder path (str or os.PathLike), got {type(path).__name__}")
-    path = os.path.abspath(os.fspath(path))
+    path = folder(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"path: {path!r} is a file; a disk buffer is a folder")
     if os.path.isdir(path):
@@ -219,11 +221,10 @@ def create(path: str, overwrite: bool, settings: dict[str, Any], specs: dict, na
     index["index-start"].fill_(SENTINEL)
     files.header = {
         "format": FORMAT, "version": VERSION, "settings": settings,
-        "specs": {p: {"shape": list(s.shape), "dtype": _dtype_name(s.dtype),
-                      **({"stored": _dtype_name(narrow[p])} if p in narrow else {})} for p, s in specs.items()},
+        "specs": specs_header(specs, narrow),
         "files": {**{names[p]: {"leaf": p, "shape": [sizes[p] * lanes, *s.shape],
-                                "dtype": _dtype_name(narrow.get(p, s.dtype))} for p, s in specs.items()},
-                  **{name: {"shape": list(shape(rows, lanes)), "dtype": _dtype_name(dtype)}
+                                "dtype": dtype_name(narrow.get(p, s.dtype))} for p, s in specs.items()},
+                  **{name: {"shape": list(shape(rows, lanes)), "dtype": dtype_name(dtype)}
                      for name, (dtype, shape) in INDEX_FILES.items()}},
     }
     return files, whole, index
