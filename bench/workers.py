@@ -3,7 +3,7 @@ W9: the cost of an add that also writes a host mirror; W11: windows per second f
 through workers.
 
 ``python -m bench.workers [--quick] [--capacity LOG2] [--workers 0,1,2,4] [--device DEV] [--out DIR]
-[--disk-capacity LOG2] [--disk-path FOLDER] [--only w12]``
+[--disk-capacity LOG2] [--disk-path FOLDER] [--only w9|w12]``
 
 A CPU buffer with ``storage="shared"`` (N=1024 lanes, obs float32[64], action float32[12],
 episodes of 50-150 rows) is filled past one wrap; then a ``BufferDataset`` of
@@ -26,7 +26,8 @@ writing every row to the disk costs.
 W9 times ``add`` (N=4096 lanes, obs float32[64], action float32[12], reward, flags and final
 observations) of a 2^20-slot buffer on ``--device`` with a 2^22-slot CPU mirror in shared memory
 against the same add without one, interleaved in one run. On a CPU device the mirror's add runs
-within the add (two adds); from CUDA the rows are staged to pinned memory on a side stream.
+within the add, copying the ring's index rows (not computing them again); from CUDA the rows are
+staged to pinned memory on a side stream.
 """
 
 from __future__ import annotations
@@ -125,6 +126,19 @@ def run_mirror(device: torch.device, repeats: int) -> dict:
             "ratio": times["mirrored"].median_s / times["alone"].median_s, "mirror_adds": tier.num_adds}
 
 
+def run_w9(args: argparse.Namespace, out: str) -> None:
+    from .__main__ import provenance
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mirror = run_mirror(device, 10 if args.quick else 30)
+    prov = provenance(device)
+    print(f"\n# W9 on {prov['device']}, commit {prov['commit']}: "
+          f"add of 4096 lanes with a 2^22-slot CPU mirror: {mirror['ratio']:.2f}x the add alone "
+          f"({mirror['mirror_adds']} rows reached the mirror)")
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    print(f"wrote {write_rows(out, f'mirror_{tag}.csv', [mirror], prov)}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.workers", description=__doc__)
     p.add_argument("--quick", action="store_true", help="2^20 slots and fewer batches")
@@ -134,13 +148,17 @@ def main() -> None:
     p.add_argument("--out", default=None, help="folder for workers_cpu.csv (default bench/results)")
     p.add_argument("--disk-capacity", type=int, default=None, help="log2 of W11's capacity (default 24, quick 18)")
     p.add_argument("--disk-path", default=None, help="where W11's disk buffer is written (default: the temp folder)")
-    p.add_argument("--only", choices=("w12",), default=None, help="run only W12 (add into disk buffers)")
+    p.add_argument("--only", choices=("w9", "w12"), default=None,
+                   help="run only W9 (add with a mirror) or W12 (add into disk buffers)")
     args = p.parse_args()
     from .__main__ import provenance
 
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", *(["quick"] if args.quick else []))
     if args.only == "w12":
-        out = args.out or os.path.join(os.path.dirname(__file__), "results", *(["quick"] if args.quick else []))
         run_disk_add(out, 3 if args.quick else 10)
+        return
+    if args.only == "w9":
+        run_w9(args, out)
         return
     capacity = 1 << (args.capacity or (20 if args.quick else 22))
     counts = [int(k) for k in args.workers.split(",")]
@@ -159,17 +177,9 @@ def main() -> None:
     for r in rows:
         r["vs_baseline"] = r["windows_per_s"] / base
         print(f"| {r['workers']} | {r['vs_baseline']:.2f}x | {100 * r['invalid_share']:.3f}% |")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", *(["quick"] if args.quick else []))
     path = write_rows(out, "workers_cpu.csv", [{"capacity": capacity, **r} for r in rows], prov)
     print(f"\nwrote {path}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    mirror = run_mirror(device, 10 if args.quick else 30)
-    prov = provenance(device)
-    print(f"\n# W9 on {prov['device']}: "
-          f"add of 4096 lanes with a 2^22-slot CPU mirror: {mirror['ratio']:.2f}x the add alone "
-          f"({mirror['mirror_adds']} rows reached the mirror)")
-    tag = "cuda" if device.type == "cuda" else "cpu"
-    print(f"wrote {write_rows(out, f'mirror_{tag}.csv', [mirror], prov)}")
+    run_w9(args, out)
     run_disk(args, out, batches, warmup)
     run_disk_add(out, 3 if args.quick else 10)
 

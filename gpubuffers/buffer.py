@@ -11,7 +11,7 @@ from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 
-from . import checkpoint, disk, layout, memory, ops, reference
+from . import checkpoint, disk, layout, lockstep, memory, ops, reference
 from .layout import STATE_ADDS, STATE_OFFSET, TRUNCATED
 from .reference import EpisodeIndex, PriorityTree, live_span, take, transition_ids, transition_links
 from .specs import LeafSpec, as_tensor, carrier, check_leaf, flatten, resolve_device, unflatten
@@ -43,6 +43,7 @@ class _Step(NamedTuple):
     finals: dict[str, torch.Tensor] | None  # next leaf path -> [N, *shape]
     layout: dict[str, Any] | None         # the storage allocated by the first add
     mirrored: Any = None                  # the mirror's own _Step, or (event, its add's arguments) staged
+    follows: bool = False                 # a mirror's step that copies its buffer's index rows
 
 
 class ReplayBuffer(Lanes):
@@ -114,8 +115,11 @@ class ReplayBuffer(Lanes):
             steps had been added to it directly. From a CUDA buffer to a CPU mirror the rows are
             copied on a side stream into pinned memory and written to the mirror once the copy
             has landed, a few adds later, with no host sync on the add path (:meth:`sync_mirror`
-            waits for all of them); otherwise the mirror's add runs within this one. Add only
-            through this buffer.
+            waits for all of them); otherwise the mirror's add runs within this one. Between
+            two CPU buffers that have had the same adds since both were empty, the mirror copies
+            this buffer's new index rows, sums and final-obs entries instead of computing them
+            again (the same values: rows are absolute); a load into either, or an add made to the
+            mirror directly, ends that for good. Add only through this buffer.
     """
 
     def __init__(self, capacity: int, num_envs: int | None = None, *,
@@ -182,6 +186,10 @@ class ReplayBuffer(Lanes):
         self._disk: disk.Files | None = None
         self._flushed_at = 0  # adds covered by the header
         self._pending: list[tuple[Any, _Step]] = []
+        #: Counts what replaces the index other than an add (a load, a reopen, a close): a mirror
+        #: follows its buffer's index only while neither count has moved since it was attached.
+        self._epoch = 0
+        self._lockstep: tuple[int, int] | None = None
         self._mirror_stream = None
         #: On a worker's view (:meth:`_reader`): the owner's episode index, read live.
         self._source: EpisodeIndex | None = None
@@ -416,6 +424,7 @@ class ReplayBuffer(Lanes):
         if self._disk.writable:
             self._write_header(clean=True)
         self._disk.close()
+        self._epoch += 1
         self.__dict__.update(_disk=None, _ix=None, _storage={}, _flat={}, _final={}, _next_src={},
                              _row_stats=None, _stat_totals=None, _begun=None, _specs=None, _ops=None,
                              _episode_ends=None, _total=0, _floor=0, _source=None)
@@ -474,6 +483,7 @@ class ReplayBuffer(Lanes):
         """Bring the index of an opened disk buffer to its header: the counters, the floor, a
         margin on the final-observation counters, no sums outside the live rows; writable: the
         running episodes cut at the last row, the next add a restart, and a new header."""
+        self._epoch += 1
         ix, rows, lanes = self._ix, self._rows, self._lanes
         adds, floor, clean = counters["adds"], counters["floor"], counters["clean"]
         if len(counters["fin_head"]) != lanes:
@@ -739,9 +749,12 @@ class ReplayBuffer(Lanes):
                 raise ValueError(f"{what}['{p}']: {how} at lanes {shown} ({len(lanes)} of "
                                  f"{v.shape[0]}); check_finite=True refuses it (nothing was written)")
 
-    def _commit(self, st: _Step) -> None:
+    def _commit(self, st: _Step, source: "ReplayBuffer | None" = None, ended: torch.Tensor | None = None) -> None:
         """Write a prepared add: storage row, episode index, side table, statistics, priorities,
-        cursors.
+        cursors. With ``source`` (``st.follows``: this is that buffer's mirror, in lockstep, and
+        ``ended`` its add's ended lanes), the index rows, sums and final-obs entries are copied
+        from ``source``, whose own ops for the same add have just run and whose cursors have not
+        yet advanced.
         Only writes into memory that exists and tensors whose shapes and dtypes were checked;
         every row it writes is read from the device cursors (graph-safe)."""
         if st.layout is not None:
@@ -749,24 +762,36 @@ class ReplayBuffer(Lanes):
         ix, ops_ = self._ix, self._ops
         if self._begun is not None:
             self._begun.add_(1)
-        row = ix.state[STATE_ADDS:STATE_ADDS + 1] % self._rows
-        for p, v in st.flat.items():
-            carrier(self._storage[p]).index_copy_(0, row, carrier(v)[None])
-        ended = ops_.add_step(ix, st.done, st.terminated, st.truncated, st.finals is not None, st.reward,
-                              self._marks_last, self._next_step)
-        ops_.record_ends(ix, self._row_stats, self._stat_totals, ended, self._marks_last)
-        if st.finals is not None:
-            leaves = list(st.finals)
-            ops_.store_finals(ix, ended, self._marks_last, self._final_rows,
-                              [self._final[k] for k in leaves], [st.finals[k] for k in leaves])
+        leaves = [] if st.finals is None else list(st.finals)
+        sides, values = [self._final[k] for k in leaves], [st.finals[k] for k in leaves]
+        if source is None:
+            row = ix.state[STATE_ADDS:STATE_ADDS + 1] % self._rows
+            for p, v in st.flat.items():
+                carrier(self._storage[p]).index_copy_(0, row, carrier(v)[None])
+            ended = ops_.add_step(ix, st.done, st.terminated, st.truncated, st.finals is not None, st.reward,
+                                  self._marks_last, self._next_step)
+            ops_.record_ends(ix, self._row_stats, self._stat_totals, ended, self._marks_last)
+            if st.finals is not None:
+                ops_.store_finals(ix, ended, self._marks_last, self._final_rows, sides, values)
+        else:  # CPU tensors (see _follows): rows from the host count
+            for p, v in st.flat.items():
+                self._storage[p][self._total % self._rows] = v
+            lockstep.copy_step(ix, self._row_stats, self._stat_totals, source._ix, source._row_stats,
+                               self._total, self._marks_last)
+            if st.finals is not None:
+                lockstep.copy_finals(ix, source._ix, ended, self._total, self._marks_last, self._final_rows,
+                                     sides, values)
         if self._tree is not None:
             ops_.promote(ix, self._tree)
+        follows = isinstance(st.mirrored, _Step) and st.mirrored.follows
+        if follows:
+            self.mirror._commit(st.mirrored, self, ended)  # before this index advances: it reads its rows
         ops_.advance(ix)
         self._total += 1
         self._episode_ends = None
         if self._disk is not None and self._total - self._flushed_at >= self.flush_every:
             self._write_header(clean=False)  # before the next add may overwrite a flushed row
-        if st.mirrored is not None:
+        if st.mirrored is not None and not follows:
             self._mirror_commit(st.mirrored)
 
     # ------------------------------------------------------------------ mirror
@@ -787,7 +812,17 @@ class ReplayBuffer(Lanes):
                              f"(its episodes would run on into this buffer's)")
         if mirror._source is not None:
             raise ValueError("mirror: a worker's read-only view cannot be added to")
+        self._lockstep = (self._epoch, mirror._epoch)
         return mirror
+
+    def _follows(self, device: torch.device) -> bool:
+        """Whether the mirror's next add may copy this buffer's index rows (:meth:`_commit`,
+        :mod:`gpubuffers.lockstep`): both on the CPU, and in lockstep (both were empty when the
+        first add came, and every add since went to both, nothing else replacing either index)."""
+        mirror = self.mirror
+        return (mirror._specs is not None and self._ix is not None and device.type == "cpu"
+                and mirror.device == device and self._lockstep == (self._epoch, mirror._epoch)
+                and mirror._total == self._total)
 
     def _mirror_prepare(self, given: dict[str, torch.Tensor], st: Any, finals: dict[str, torch.Tensor] | None,
                         device: torch.device) -> Any:
@@ -798,6 +833,19 @@ class ReplayBuffer(Lanes):
         this buffer's (which runs synchronously), so what this buffer accepted the mirror accepts,
         except for a finite check, which waits for the copy and runs now."""
         mirror = self.mirror
+        if self._follows(device):
+            # The step this buffer accepted, in the mirror's storage dtypes; its index rows are
+            # copied from this buffer's at commit, not computed again.
+            narrow = mirror._narrow
+            flat = {p: v.to(narrow[p]) if p in narrow else v for p, v in given.items()}
+            stored = None if finals is None else {k: v.to(narrow[k]) if k in narrow else v
+                                                  for k, v in finals.items()}
+            if mirror.check_finite:
+                mirror._check_finite(given, flat, "step")
+                if stored is not None:
+                    mirror._check_finite(stored, stored, "final_obs")
+            nested = None if mirror.mirror is None else mirror._mirror_prepare(given, st, finals, device)
+            return _Step(flat, st.done, st.terminated, st.truncated, None, stored, None, nested, True)
         single = self._single
         flags = (st.done, st.terminated, st.truncated)
         target = mirror.device

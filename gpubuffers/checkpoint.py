@@ -1,13 +1,14 @@
 """Checkpoints of a ReplayBuffer: everything an exact resume needs, as tensors plus a JSON header.
 
 ``state_dict`` holds the stored rows that are live (a buffer that has not wrapped yet gives only
-its written rows), the episode index, the final-observation side tables, the per-row statistics,
-the priority tree where present, the host counters, the constructor settings and the random
-state of both backends (the torch generator's state, and the Philox seed and offset the kernels
-draw from). ``save`` writes it as one safetensors file (every tensor as raw bytes, its shape and
-dtype in the header, a SHA-256 of the bytes to catch corruption), atomically: a temporary file in
-the same folder, fsync, rename, fsync of the folder (a save killed midway leaves its temporary
-folder, which the next save to that path removes). Loading never unpickles anything.
+its written rows), the episode index, the final-observation side tables (without the scratch row
+that nothing reads; files that hold it load too), the per-row statistics, the priority tree
+where present, the host counters, the constructor settings and the random state of both backends
+(the torch generator's state, and the Philox seed and offset the kernels draw from). ``save``
+writes it as one safetensors file (every tensor as raw bytes, its shape and dtype in the header,
+a SHA-256 of the bytes to catch corruption), atomically: a temporary file in the same folder,
+fsync, rename, fsync of the folder (a save killed midway leaves its temporary folder, which the
+next save to that path removes). Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def state_dict(buf) -> dict[str, Any]:
     live = min(buf._total, buf.rows)  # rows written (a reopened disk buffer's floor travels in the state)
     ix, tree = buf._ix, buf._tree
     tensors = {f"storage/{p}": t[:live] for p, t in buf._storage.items()}
-    tensors.update({f"final/{p}": t for p, t in buf._final.items()})
+    # The side tables without their scratch row, which nothing reads.
+    tensors.update({f"final/{p}": t[:buf._final_rows] for p, t in buf._final.items()})
     tensors.update({"index/start": ix.start[:live], "index/end_flags": ix.end_flags[:live],
                     "index/ret": ix.ret[:live], "index/final_idx": ix.final_idx[:live],
                     "index/fin_head": ix.fin_head, "index/state": ix.state,
@@ -109,6 +111,10 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
         if name.startswith(("storage/", "index/start", "index/end_flags", "index/ret", "index/final_idx",
                             "stats/rows")) and t.shape[0] != live:
             raise ValueError(f"state_dict: {name!r} holds {t.shape[0]} rows, expected the {live} live rows")
+        if name.startswith("final/") and t.shape[0] not in (buf._final_rows, buf._final_rows + 1):
+            # (earlier files hold the scratch row too)
+            raise ValueError(f"state_dict: {name!r} holds {t.shape[0]} rows, expected the {buf._final_rows} "
+                             f"rows of the final-observation side table")
     device = buf._device if buf._device is not None else next(iter(tensors.values())).device
     fresh = buf._allocate(specs, device) if buf._specs is None else None
     with torch.no_grad():
@@ -123,6 +129,7 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
     else:  # generator states do not carry across device types: restart the stream from the seed
         buf._rng.generator.manual_seed(settings["seed"])
     buf._total = counters["adds"]
+    buf._epoch += 1  # a mirror no longer follows this index (nor one that this index mirrors)
     buf._floor = int(buf._ix.state[STATE_FLOOR])
     if buf._begun is not None:
         buf._begun.fill_(counters["adds"])
@@ -141,7 +148,8 @@ def _restore(buf, tensors: dict[str, torch.Tensor], live: int) -> None:
     for p, t in buf._storage.items():
         t[:live].copy_(tensors[f"storage/{p}"])
     for p, t in buf._final.items():
-        t.copy_(tensors[f"final/{p}"])
+        rows = buf._final_rows
+        t[:rows].copy_(tensors[f"final/{p}"][:rows])
     for name in ("start", "end_flags", "ret"):
         getattr(ix, name)[:live].copy_(tensors[f"index/{name}"])
     # final_idx keeps the counters' low 31 bits (int32); earlier files hold them whole (int64).

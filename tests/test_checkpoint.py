@@ -83,6 +83,23 @@ def test_a_state_with_whole_int64_final_counters_loads(tmp_path):
     assert_identical(drive(a, 30, 40, seed=2), drive(b, 30, 40, seed=2))
 
 
+def test_side_tables_travel_without_their_scratch_row_and_older_states_with_it_load():
+    kw = dict(capacity=8 * N, num_envs=N, done_marks="last", seed=3, backend="torch", final_obs_capacity=3 * N)
+    a = ReplayBuffer(**kw)
+    drive(a, 0, 30, seed=1)
+    sd = a.state_dict()
+    assert sd["tensors"]["final/obs"].shape == (3, N, 3)  # 3 rows per lane; the scratch row stays home
+    old = {**sd["tensors"], "final/obs": torch.cat([sd["tensors"]["final/obs"], torch.randn(1, N, 3)])}
+    b = ReplayBuffer(**kw)
+    b.load_state_dict({"header": sd["header"], "tensors": {k: v.clone() for k, v in old.items()}})
+    assert_identical(drive(a, 30, 40, seed=2), drive(b, 30, 40, seed=2))
+    c = ReplayBuffer(**kw)
+    short = {**sd["tensors"], "final/obs": sd["tensors"]["final/obs"][:2]}
+    with pytest.raises(ValueError, match="'final/obs' holds 2 rows, expected the 3 rows of the final-observation"):
+        c.load_state_dict({"header": sd["header"], "tensors": short})
+    assert c.num_adds == 0 and c.index is None
+
+
 def test_a_half_full_buffer_writes_only_its_rows(tmp_path):
     sizes = {}
     for adds in (4, 8):

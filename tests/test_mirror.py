@@ -121,3 +121,40 @@ def test_an_add_the_mirror_refuses_is_refused_by_both():
         ring.add(step, **kw)
     assert ring.state_dict()["header"] == header and ring.num_adds == tier.num_adds == 6
     assert_identical(ring.state_dict()["tensors"], tensors)
+
+
+@pytest.mark.parametrize("marks", ["first", "last"])
+def test_a_mirror_recomputes_its_index_once_its_buffer_stops_being_in_step_with_it(marks):
+    # On the CPU a mirror copies its buffer's index rows while both have had the same adds from
+    # empty; a load into the buffer (here one with as many adds, other episodes), or an add made
+    # to the mirror directly, ends that, and the mirror computes its own rows again: it must
+    # still hold what a direct add would.
+    loaded, added = build(30, marks, "same_step"), build(30, marks, "same_step")
+    rings = [build(5, marks, "same_step", mirror=loaded), build(5, marks, "same_step", mirror=added)]
+    twins = [build(30, marks, "same_step"), build(30, marks, "same_step")]
+    other = build(5, marks, "same_step")
+    chain = build(60, marks, "same_step")
+    head = build(5, marks, "same_step", mirror=build(30, marks, "same_step", mirror=chain))
+    feed([other], 17, 4, "same_step")
+    batches = [list(steps(17, seed)) for seed in (6, 7)]
+    for step, kw in batches[0]:
+        for b in (*rings, *twins, head):
+            b.add(step, **kw)
+    rings[0].load_state_dict(other.state_dict())  # its episodes now run on from other's
+    step, kw = batches[1][0]
+    for b in (added, twins[1]):
+        b.add(step, **kw)
+    for step, kw in batches[1][1:]:
+        for b in (*rings, *twins, head):
+            b.add(step, **kw)
+    assert [b.num_adds for b in (loaded, added, chain)] == [33, 34, 33]
+    for tier, twin in zip((loaded, added), twins):
+        assert_identical(tier.state_dict()["tensors"], twin.state_dict()["tensors"])
+        assert_identical(tier.episode_stats(), twin.episode_stats())
+        assert_identical(tier.sample(32, n_step=2, gamma=0.9), twin.sample(32, n_step=2, gamma=0.9))
+    # Down a chain of mirrors, each copies the rows of the one before it.
+    direct = build(60, marks, "same_step")
+    for step, kw in batches[0] + batches[1][1:]:
+        direct.add(step, **kw)
+    assert_identical(chain.state_dict()["tensors"], direct.state_dict()["tensors"])
+    assert_identical(chain.episode_stats(), direct.episode_stats())
