@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -158,3 +160,16 @@ def test_a_mirror_recomputes_its_index_once_its_buffer_stops_being_in_step_with_
         direct.add(step, **kw)
     assert_identical(chain.state_dict()["tensors"], direct.state_dict()["tensors"])
     assert_identical(chain.episode_stats(), direct.episode_stats())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernels run on the CPU interpreted")
+@pytest.mark.parametrize("marks", ["first", "last"])
+def test_a_ring_on_the_kernels_feeds_its_mirror_what_a_direct_add_would(marks):
+    # The rows the mirror copies were written by the Triton kernels, its own ops are the reference.
+    tier = build(24, marks, "same_step")
+    twin = build(24, marks, "same_step")
+    ring = build(6, marks, "same_step", backend="triton", mirror=tier)
+    feed([ring, twin], 40, 12, "same_step")
+    assert ring._ops.name == "triton" and tier._ops.name == "torch"
+    assert_identical(tier.state_dict()["tensors"], twin.state_dict()["tensors"])
+    assert_identical(tier.episode_stats(), twin.episode_stats())
