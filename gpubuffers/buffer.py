@@ -46,6 +46,11 @@ class _Step(NamedTuple):
     follows: bool = False                 # a mirror's step that copies its buffer's index rows
 
 
+def _stored(values: dict[str, torch.Tensor], narrow: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+    """``values`` by leaf path, each converted to its storage dtype where ``narrow`` names one."""
+    return {p: v.to(narrow[p]) if p in narrow else v for p, v in values.items()}
+
+
 class ReplayBuffer(Lanes):
     """A ring of ``capacity`` transitions from ``num_envs`` auto-resetting environments.
 
@@ -721,9 +726,9 @@ class ReplayBuffer(Lanes):
                                                                         [reward_leaf or ""])
         flat = st.flat
         if narrow:
-            flat = {p: v.to(narrow[p]) if p in narrow else v for p, v in flat.items()}
+            flat = _stored(flat, narrow)
             if finals is not None:
-                finals = {k: v.to(narrow[k]) if k in narrow else v for k, v in finals.items()}
+                finals = _stored(finals, narrow)
         if self.check_finite:
             self._check_finite(st.flat, flat, "step")
             if finals is not None:
@@ -836,10 +841,8 @@ class ReplayBuffer(Lanes):
         if self._follows(device):
             # The step this buffer accepted, in the mirror's storage dtypes; its index rows are
             # copied from this buffer's at commit, not computed again.
-            narrow = mirror._narrow
-            flat = {p: v.to(narrow[p]) if p in narrow else v for p, v in given.items()}
-            stored = None if finals is None else {k: v.to(narrow[k]) if k in narrow else v
-                                                  for k, v in finals.items()}
+            flat = _stored(given, mirror._narrow)
+            stored = None if finals is None else _stored(finals, mirror._narrow)
             if mirror.check_finite:
                 mirror._check_finite(given, flat, "step")
                 if stored is not None:
