@@ -1124,20 +1124,23 @@ class ReplayBuffer(Lanes):
             raise ValueError("gamma: n-step returns sum the reward_key leaf, and this buffer has "
                              "reward_key=None")
         final_rows = 0 if self._next_step else self._final_rows
+        # With n-step segments, the links that matter are those of each segment's last row.
+        first_links = gamma is None
         if beta is None:
             tries = self.max_proposals if self._next_step else 1
             links = self._ops.sample_transitions(self._ix, self._rng, batch_size, tries, self._next_step,
-                                                 final_rows)
+                                                 final_rows, first_links)
         else:
             links = self._ops.sample_prioritized_transitions(self._ix, self._tree, self._rng, batch_size,
-                                                             self._next_step, final_rows, beta)
+                                                             self._next_step, final_rows, beta, first_links)
         slot, valid, index = links["slot"], links["valid"], links["index"]
-        is_first, is_last = links["is_first"], links["is_last"]
+        is_first, is_last = links["is_first"], links.get("is_last")
         weight = links.get("weight")
         if gamma is not None:
-            seg = self._ops.nstep(self._ix, slot, links["row"], self._flat[self.reward_key].view(-1),
-                                  n_step, float(gamma), final_rows, self._next_step)
-            links = seg
+            links = self._ops.nstep(self._ix, slot, links["row"], self._flat[self.reward_key].view(-1),
+                                    n_step, float(gamma), final_rows, self._next_step)
+            if is_last is None:  # the reference read the first rows' end flags with the segments
+                is_last = links["first_is_last"]
         # One gather for the leaves and the next leaves (successor row, or side table at an end).
         specs = self._specs
         entries = ([(t, 0, specs[p].dtype) for p, t in self._flat.items()]

@@ -49,11 +49,18 @@ FINAL_IDX_MASK = (1 << 31) - 1
 MAX_ROWS = FINAL_IDX_MASK
 
 
+def final_lag(fin_head, stored):
+    """How many final observations the lane has stored since the one whose counter's low 31 bits
+    are ``stored`` (an end slot's ``final_idx``), the lane having stored ``fin_head`` so far: in
+    ``[0, 2**31)``; that final observation is still in the side table while the lag is at most
+    ``final_rows``. Works on ints and tensors alike (the kernels inline the same)."""
+    return (fin_head - stored) & FINAL_IDX_MASK
+
+
 def final_counter(fin_head, stored):
-    """The final-obs counter whose low 31 bits are ``stored`` (an end slot's ``final_idx``, widened
-    to int64), the lane having stored ``fin_head`` so far: the largest such counter not above
-    ``fin_head``, never negative. Works on ints and tensors alike (the kernels inline the same)."""
-    return fin_head - ((fin_head - stored) & FINAL_IDX_MASK)
+    """The final-obs counter whose low 31 bits are ``stored``: the largest such counter not above
+    ``fin_head``, never negative (``fin_head - final_lag``)."""
+    return fin_head - final_lag(fin_head, stored)
 
 
 def final_slot(total: int, final_idx, lane, final_rows: int, lanes: int):
@@ -61,12 +68,6 @@ def final_slot(total: int, final_idx, lane, final_rows: int, lanes: int):
     row ``final_idx % final_rows``, after the ``total = T * N`` ring slots. Works on ints and
     tensors alike (the kernels inline the same expression)."""
     return total + (final_idx % final_rows) * lanes + lane
-
-
-def final_kept(fin_head, final_idx, final_rows: int):
-    """Whether the lane's ``final_idx``-th final obs is still in its side table, the lane having
-    stored ``fin_head`` so far."""
-    return fin_head - final_idx <= final_rows
 
 
 # The cursors a CUDA graph must see advance live in a small int64 device tensor, ``state``, kept

@@ -115,7 +115,8 @@ class TritonOps:
         ix.state[STATE_OFFSET:STATE_OFFSET + 1].add_(count)
         rng.offset += count
 
-    def sample_transitions(self, ix, rng: Rng, batch, tries, next_step, final_rows):
+    def sample_transitions(self, ix, rng: Rng, batch, tries, next_step, final_rows, links=True):
+        # The kernel forms the links in the same launch either way.
         out = self._sampling.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, ix.state,
                                          rng.seed, batch, tries, next_step, final_rows)
         self._drew(ix, rng, batch * tries)
@@ -157,7 +158,7 @@ class TritonOps:
     def update_priorities(self, ix, tree, index, priority):
         self._priority.update_priorities(ix.start, ix.state, tree, index, priority)
 
-    def sample_prioritized_transitions(self, ix, tree, rng: Rng, batch, next_step, final_rows, beta):
+    def sample_prioritized_transitions(self, ix, tree, rng: Rng, batch, next_step, final_rows, beta, links=True):
         out = self._priority.transitions(ix.start, ix.end_flags, ix.final_idx, ix.fin_head, ix.state, tree,
                                          rng.seed, batch, next_step, final_rows, beta)
         self._drew(ix, rng, batch)

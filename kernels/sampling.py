@@ -93,7 +93,7 @@ def links(start_ptr, end_flags_ptr, final_idx_ptr, fin_head_ptr, slot, mask, lan
         head = tl.load(fin_head_ptr + lane, mask=mask, other=0)
         idx = tl.load(final_idx_ptr + slot, mask=mask, other=0).to(tl.int64)
         idx = head - ((head - idx) & _FINAL_IDX_MASK)  # layout.final_counter
-        kept = ((flags & _HAS_FINAL) != 0) & (head - idx <= final_rows)  # layout.final_kept
+        kept = ((flags & _HAS_FINAL) != 0) & (head - idx <= final_rows)  # layout.final_lag <= final_rows
         # layout.final_slot, with the remainder taken non-negative as torch takes it (a counter
         # recovered from damaged state can be negative; it must not address outside the table).
         succ = tl.where(is_last, total + ((idx % final_rows + final_rows) % final_rows) * lanes + lane, succ)

@@ -39,7 +39,7 @@ def expected(lane_list, adds, rows, n_step, gamma, next_step):
                     nxt = obs(n, end + 1)
                 term = reached and not tr
                 out[(n, r)] = dict(k=k, ret=ret, next=nxt, terminated=term, truncated=reached and tr,
-                                   discount=0.0 if term else gamma ** k)
+                                   discount=0.0 if term else gamma ** k, first=r == first, last=r == last)
     return out
 
 
@@ -68,7 +68,7 @@ def test_nstep_samples_match_the_episodes(marks, autoreset, n_step, gamma, backe
     exp = expected(lanes, adds, rows, n_step, gamma, next_step)
     s = buf.sample(2000, n_step=n_step, gamma=gamma)
     cols = {k: s[k].tolist() for k in ("valid", "n_steps", "return", "discount", "terminated", "truncated",
-                                       "next_valid", "target_valid", "reward")}
+                                       "next_valid", "target_valid", "reward", "is_first", "is_last")}
     lane_row = zip(s["info"]["lane"].tolist(), s["info"]["row"].tolist())
     nexts = s["next"]["obs"].tolist()
     seen = set()
@@ -84,7 +84,28 @@ def test_nstep_samples_match_the_episodes(marks, autoreset, n_step, gamma, backe
         assert (cols["terminated"][i], cols["truncated"][i]) == (want["terminated"], want["truncated"]), key
         assert cols["next_valid"][i] and cols["target_valid"][i], key
         assert cols["reward"][i] == pytest.approx(reward(*key)), key  # the one-step leaf as stored
+        # is_first / is_last still describe row t itself, not the segment's last row.
+        assert (cols["is_first"][i], cols["is_last"][i]) == (want["first"], want["last"]), key
     assert len(seen) > 0.9 * len(exp)  # nearly every transition drawn and checked
+
+
+@pytest.mark.parametrize("marks,autoreset", MODES)
+@pytest.mark.parametrize("alpha", [None, 0.6])
+def test_nstep_sample_draws_and_describes_the_first_rows_as_a_plain_sample(marks, autoreset, alpha):
+    # Twins with one seed: sample(B, n_step=3, gamma=...) draws the same transitions as
+    # sample(B) and keeps what the plain sample says of their first rows.
+    rows, adds = 9, 40
+    next_step = autoreset == "next_step"
+    lanes = build_lanes(PLANS, adds, next_step)
+    twins = [ReplayBuffer(rows * len(PLANS), len(PLANS), done_marks=marks, autoreset=autoreset, seed=3,
+                          final_obs_capacity=rows * len(PLANS), priority_alpha=alpha) for _ in range(2)]
+    for buf in twins:
+        feed(buf, lanes, adds, marks == "last", next_step, reward=reward)
+    for _ in range(3):
+        plain, seg = twins[0].sample(700), twins[1].sample(700, n_step=3, gamma=0.9)
+        for key in ("index", "valid", "is_first", "is_last", "obs", "reward") + (("weight",) if alpha else ()):
+            assert torch.equal(plain[key], seg[key]), key
+        assert torch.equal(plain["info"]["row"], seg["info"]["row"])
 
 
 def test_one_step_returns_are_the_reward():

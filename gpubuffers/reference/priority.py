@@ -34,7 +34,7 @@ import torch
 
 from ..layout import SENTINEL, absolute_row
 from .episode_index import EpisodeIndex, rows_of
-from .sampling import live_span, take, transition_ids, transition_links, window_slots
+from .sampling import live_span, row_marks, take, transition_ids, transition_links, window_slots
 
 #: Smallest int32: marks below any leaf's bits elect the last of repeated updates.
 _CLAIM = -2**31
@@ -271,7 +271,7 @@ def descend(tree: PriorityTree, x: torch.Tensor, flat: int | None = None) -> tor
         node = torch.searchsorted(cum, _below(x, cum[-1]), right=True)
         # An empty tree (total 0: nothing drawable yet) descends to the first child, as the
         # kernel does: the draw lands on a leaf of 0 and is returned invalid.
-        node = torch.minimum(node, (cum < cum[-1]).sum())
+        node = torch.minimum(node, torch.searchsorted(cum, cum[-1:]))  # count of sums below the total
         x = x - (cum.index_select(0, node) - level.index_select(0, node))
     else:
         node = torch.zeros_like(x, dtype=torch.int64)
@@ -280,7 +280,7 @@ def descend(tree: PriorityTree, x: torch.Tensor, flat: int | None = None) -> tor
         c = below.view(-1, f).index_select(0, node)
         cum = c.cumsum(1, dtype=torch.float64)
         first = torch.searchsorted(cum, _below(x, cum[:, -1])[:, None], right=True)
-        first = torch.minimum(first, (cum < cum[:, -1:]).sum(1, keepdim=True))
+        first = torch.minimum(first, torch.searchsorted(cum, cum[:, -1:].contiguous()))
         x = x - (cum.gather(1, first).squeeze(1) - c.gather(1, first).squeeze(1))
         node = node * f + first.squeeze(1)
     return node.view(shape)
@@ -307,14 +307,14 @@ def stratified(tree: PriorityTree, u: torch.Tensor) -> torch.Tensor:
 
 
 def prioritized_transitions(ix: EpisodeIndex, tree: PriorityTree, u: torch.Tensor, next_step: bool,
-                            final_rows: int, beta: float) -> dict:
+                            final_rows: int, beta: float, links: bool = True) -> dict:
     """Transitions drawn in proportion to their leaves, one per equal-mass segment, from [B]
     uniforms: the dict of :func:`gpubuffers.reference.transitions` (``valid`` False only when
     nothing can be drawn) plus ``weight`` [B] float32."""
     rows, lanes = ix.start.shape
     slot = descend(tree, stratified(tree, u))
     row = absolute_row(slot.div(lanes, rounding_mode="floor"), live_span(ix)[1], rows)
-    out = transition_links(ix, slot, row, final_rows, next_step)
+    out = transition_links(ix, slot, row, final_rows, next_step) if links else row_marks(ix, slot, row)
     leaf = take(tree.leaf, slot)
     out.update(slot=slot, row=row, index=transition_ids(row, slot, lanes), valid=leaf > 0,
                weight=weights(tree, leaf, beta))
@@ -347,10 +347,10 @@ def prioritized_windows(ix: EpisodeIndex, tree: PriorityTree, u: torch.Tensor, l
 
 
 def sample_prioritized_transitions(ix: EpisodeIndex, tree: PriorityTree, rng, batch: int, next_step: bool,
-                                   final_rows: int, beta: float) -> dict:
+                                   final_rows: int, beta: float, links: bool = True) -> dict:
     """:func:`prioritized_transitions` with uniforms from the buffer's generator."""
     u = torch.rand(batch, dtype=torch.float64, generator=rng.generator, device=tree.leaf.device)
-    return prioritized_transitions(ix, tree, u, next_step, final_rows, beta)
+    return prioritized_transitions(ix, tree, u, next_step, final_rows, beta, links)
 
 
 def sample_prioritized_windows(ix: EpisodeIndex, tree: PriorityTree, rng, batch: int, tries: int,

@@ -15,6 +15,29 @@ from .episode_index import EpisodeIndex
 from .sampling import take, transition_links
 
 
+_TABLES: dict = {}
+
+
+def segment_tables(gamma: float, n_step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(step, powers, cut) for n-step segments: ``step`` [n] int64 ``0 .. n - 1``; ``powers``
+    [n + 1] float32 gamma^0 .. gamma^n, running float64 products (as the kernel forms them)
+    rounded to float32, built on the device (no host-to-device copy); ``cut`` [n + 1, n] bool,
+    row k marking the steps a segment of k rows leaves out (``i >= k``). Kept for reuse on the
+    CPU."""
+    key = (gamma, n_step) if device.type == "cpu" else None
+    if key in _TABLES:
+        return _TABLES[key]
+    f64 = dict(dtype=torch.float64, device=device)
+    step = torch.arange(n_step, device=device)
+    powers = torch.cat([torch.ones(1, **f64), torch.full((n_step,), gamma, **f64).cumprod(0)]).float()
+    cut = step >= torch.arange(n_step + 1, device=device)[:, None]
+    if key is not None:
+        if len(_TABLES) > 64:
+            _TABLES.clear()
+        _TABLES[key] = step, powers, cut
+    return step, powers, cut
+
+
 def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch.Tensor, n_step: int,
           gamma: float, final_rows: int, next_step: bool) -> dict:
     """n-step segments of the transitions at ``slot`` [B] (absolute ``row`` [B]).
@@ -23,34 +46,32 @@ def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch
     Returns [B] tensors: ``n_steps`` int64 (k >= 1), ``return`` float32 (sum of gamma^i *
     reward[t + i], i < k), ``discount`` float32 (gamma^k, 0 where the segment ends in a
     termination), ``last`` (slot of row t + k - 1) and the links of that last row
-    (:func:`transition_links`: ``succ``, ``is_last``, ``terminated``, ``truncated``,
-    ``next_valid``). Powers of gamma are running float64 products rounded to float32, built on
-    the device (no host-to-device copy).
+    (:func:`transition_links` without ``is_first``: ``succ``, ``is_last``, ``terminated``,
+    ``truncated``, ``next_valid``), and ``first_is_last`` (row t ends its episode). Powers of gamma:
+    :func:`segment_tables`.
     """
     rows, lanes = ix.start.shape
     total = rows * lanes
-    newest = ix.state[STATE_ADDS] - 1
-    step = torch.arange(n_step, device=slot.device)
+    step, powers, cut = segment_tables(gamma, n_step, slot.device)
     here = (slot[:, None] + step * lanes) % total                 # [B, n] slots of rows t + i
-    ended = take(ix.end_flags, here) != 0
-    # Row t + i is in the segment when its successor is written and no earlier row ended.
-    ended_before = torch.cumsum(ended, 1) - ended.long()
-    use = (row[:, None] + step < newest) & (ended_before == 0)
-    k = use.sum(1)
-    # gamma^0 .. gamma^n as running float64 products (as the kernel forms them), then float32.
-    f64 = dict(dtype=torch.float64, device=slot.device)
-    powers = torch.cat([torch.ones(1, **f64), torch.full((n_step,), gamma, **f64).cumprod(0)]).float()
-    terms = torch.where(use, powers[:n_step] * take(reward, here).float(), 0.0)
+    flags = take(ix.end_flags, here)
+    # Row t + i is in the segment when its successor is written and no earlier row ended: the
+    # segment stops after its first end, and before the newest row.
+    k = torch.full_like(slot, n_step)
+    for i in range(n_step - 2, -1, -1):  # the earliest end written last
+        k.masked_fill_(flags[:, i] != 0, i + 1)
+    k = torch.minimum(k, ix.state[STATE_ADDS] - 1 - row).clamp_min_(0)
+    terms = (take(reward, here).float() * powers[:n_step]).masked_fill_(cut.index_select(0, k), 0.0)
     ret = terms[:, 0]
     for i in range(1, n_step):  # left to right, as the kernel sums
         ret = ret + terms[:, i]
-    last = here.gather(1, (k - 1).clamp_min(0)[:, None]).squeeze(1)
-    discount = powers.index_select(0, k)
-    out = transition_links(ix, last, row + k - 1, final_rows, next_step)
-    out.update({"n_steps": k, "return": ret, "last": last,
-                "discount": torch.where(out["terminated"], 0.0, discount)})
+    at = (k - 1).clamp_min_(0)[:, None]
+    last = here.gather(1, at).squeeze(1)
+    out = transition_links(ix, last, None, final_rows, next_step, flags=flags.gather(1, at).squeeze(1),
+                           first=False)
+    out.update({"n_steps": k, "return": ret, "last": last, "first_is_last": flags[:, 0] != 0,
+                "discount": powers.index_select(0, k).masked_fill_(out["terminated"], 0.0)})
     return out
-
 
 
 def gae(ix: EpisodeIndex, reward: torch.Tensor, value: torch.Tensor, final_value: torch.Tensor, tail_flags: torch.Tensor, tail_final: torch.Tensor,

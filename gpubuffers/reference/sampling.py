@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import (HAS_FINAL, SENTINEL, STATE_ADDS, STATE_FLOOR, TRUNCATED, absolute_row, final_counter, final_kept,
+from ..layout import (HAS_FINAL, SENTINEL, STATE_ADDS, STATE_FLOOR, TRUNCATED, absolute_row, final_lag,
                       final_slot)
 from ..layout import live_span as _live_span
 from .episode_index import EpisodeIndex
@@ -47,38 +47,46 @@ def transition_slots(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int,
         and every proposal is accepted).
     Returns (slot [B], absolute row [B], valid [B] or None when every proposal is accepted).
     """
+    slot, row, _, valid = _transition_picks(ix, proposals, oldest, next_step)
+    return slot, row, valid
+
+
+def _transition_picks(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int, next_step: bool) -> tuple:
+    """:func:`transition_slots` with the transition ids: (slot, row, id, valid). A proposal plus
+    ``oldest * N`` is the id itself (row * N + lane)."""
     rows, lanes = ix.start.shape
-    slot = (proposals + oldest * lanes) % (rows * lanes)
-    row = proposals.div(lanes, rounding_mode="floor").add_(oldest)
+    ids = proposals + oldest * lanes
+    slot = ids % (rows * lanes)
+    row = ids.div(lanes, rounding_mode="floor")
     if not next_step:
-        return slot[:, 0], row[:, 0], None
+        return slot[:, 0], row[:, 0], ids[:, 0], None
     ok = take(ix.start, slot) != SENTINEL
-    return first_choice(ok, slot, row)
+    return first_choice(ok, slot, row, ids)
 
 
-def transition_links(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, final_rows: int,
-                     next_step: bool) -> dict:
-    """Successor and end-of-episode facts of transitions at ``slot`` [B] (absolute ``row`` [B]).
+def transition_links(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor | None, final_rows: int,
+                     next_step: bool, flags: torch.Tensor | None = None, first: bool = True) -> dict:
+    """Successor and end-of-episode facts of transitions at ``slot`` [B] (absolute ``row`` [B],
+    read for ``is_first`` only).
 
     final_rows: rows per lane of the final-obs side table (0 when there is none). The side table
     sits right after the T * N ring slots of each next leaf's source, so ``succ`` addresses one
     extended source ``[(T + final_rows + 1) * N, ...]``: the next row's slot inside an episode,
     the side-table row of the episode's final obs at its end.
-    Returns a dict of [B] tensors: ``succ``, ``is_first``, ``is_last``, ``terminated``,
-    ``truncated``, ``next_valid``.
+    flags: the end flags at ``slot``, where the caller has read them already.
+    Returns a dict of [B] tensors: ``succ``, ``is_first`` (unless ``first=False``), ``is_last``,
+    ``terminated``, ``truncated``, ``next_valid``.
     """
     rows, lanes = ix.start.shape
     total = rows * lanes
-    flags = take(ix.end_flags, slot)
+    if flags is None:
+        flags = take(ix.end_flags, slot)
     is_last = flags != 0
     truncated = (flags & TRUNCATED) != 0
     succ = (slot + lanes) % total
-    out = {
-        "is_first": take(ix.start, slot) == row,
-        "is_last": is_last,
-        "terminated": is_last & ~truncated,
-        "truncated": truncated,
-    }
+    out = {"is_last": is_last, "terminated": is_last ^ truncated, "truncated": truncated}
+    if first:
+        out["is_first"] = take(ix.start, slot) == row
     if next_step:
         # The reset row after an episode's end holds its final observation; an end followed by
         # a row that is not a reset row (an episode cut where a reopened disk buffer restarted)
@@ -88,12 +96,21 @@ def transition_links(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, fi
         out["next_valid"] = ~is_last
     else:
         lane = slot % lanes
-        idx = final_counter(ix.fin_head[lane], take(ix.final_idx, slot).long())
-        kept = ((flags & HAS_FINAL) != 0) & final_kept(ix.fin_head[lane], idx, final_rows)
+        head = ix.fin_head.index_select(0, lane)
+        lag = final_lag(head, take(ix.final_idx, slot))
+        idx = head - lag                                   # layout.final_counter
+        kept = ((flags & HAS_FINAL) != 0) & (lag <= final_rows)
         succ = torch.where(is_last, final_slot(total, idx, lane, final_rows, lanes), succ)
         out["next_valid"] = ~is_last | kept
     out["succ"] = succ
     return out
+
+
+def row_marks(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor) -> dict:
+    """``is_first`` of transitions at ``slot`` [B] (absolute ``row`` [B]): what a sample keeps of
+    its first rows' links when n-step segments describe the rest (:func:`gpubuffers.reference.nstep`
+    gives their ``first_is_last``)."""
+    return {"is_first": take(ix.start, slot) == row}
 
 
 def window_ends(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int,
@@ -200,22 +217,24 @@ def pack_episodes(ix: EpisodeIndex, end_slot: torch.Tensor, valid: torch.Tensor,
 # Sampler entry points: draw proposals from the buffer's generator, then pick.
 
 def transitions(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int, next_step: bool,
-                final_rows: int) -> dict:
+                final_rows: int, links: bool = True) -> dict:
     """Pick transitions from [B, M] proposals (see :func:`transition_slots`) and describe them
-    (see :func:`transition_links`): one dict with ``slot``, ``row``, ``index`` (transition ids),
-    ``valid`` (None when every proposal is accepted) and the links."""
-    slot, row, valid = transition_slots(ix, proposals, oldest, next_step)
-    out = transition_links(ix, slot, row, final_rows, next_step)
-    out.update(slot=slot, row=row, valid=valid, index=transition_ids(row, slot, ix.lanes))
+    (see :func:`transition_links`; only :func:`row_marks` when not ``links``): one dict with
+    ``slot``, ``row``, ``index`` (transition ids), ``valid`` (None when every proposal is
+    accepted) and the links."""
+    slot, row, ids, valid = _transition_picks(ix, proposals, oldest, next_step)
+    out = transition_links(ix, slot, row, final_rows, next_step) if links else row_marks(ix, slot, row)
+    out.update(slot=slot, row=row, valid=valid, index=ids)
     return out
 
 
 def sample_transitions(ix: EpisodeIndex, rng, batch: int, tries: int, next_step: bool,
-                       final_rows: int) -> dict:
-    """Uniform transitions whose successor is written, drawn from the buffer's generator."""
+                       final_rows: int, links: bool = True) -> dict:
+    """Uniform transitions whose successor is written, drawn from the buffer's generator (see
+    :func:`transitions`)."""
     live, oldest = live_span(ix)
     proposals = uniform_below(rng, (batch, tries), (live - 1) * ix.lanes)
-    return transitions(ix, proposals, oldest, next_step, final_rows)
+    return transitions(ix, proposals, oldest, next_step, final_rows, links)
 
 
 def windows(ix: EpisodeIndex, proposals: torch.Tensor, oldest: int, length: int) -> dict:
