@@ -68,6 +68,40 @@ def test_narrow_leaf_samples_as_the_rounded_plain_buffer(pair, backend):
     assert_identical(got, want)
 
 
+def test_narrow_rows_are_read_per_thread_and_returned_in_their_own_memory():
+    # Narrow leaves are read into scratch before they are widened: samples drawn from several
+    # threads at once each get their own rows, and a batch stays as it was after later draws.
+    lanes, rows = 6, 200
+    buf = ReplayBuffer(rows * lanes, lanes, seed=0, reward_key=None,
+                       storage_dtypes={"obs": torch.bfloat16, "x": torch.float16})
+    for r in range(rows + 40):  # wrap the ring; bf16 / f16 hold these integers exactly
+        buf.add({"obs": torch.full((lanes, 3), float(r % 200)), "x": torch.full((lanes, 2, 2), float(r % 1000)),
+                 "row": torch.full((lanes,), r)}, torch.zeros(lanes, dtype=torch.bool))
+    kept = buf.sample(64)
+    kept_obs, kept_row = kept["obs"].clone(), kept["row"].clone()
+    errors = []
+
+    def draw(batch):
+        for _ in range(60):
+            s = buf.sample(batch)
+            row = s["row"].double()
+            ok = (torch.equal(s["obs"], (row % 200)[:, None].expand(-1, 3).float())
+                  and torch.equal(s["next"]["obs"], ((row + 1) % 200)[:, None].expand(-1, 3).float())
+                  and torch.equal(s["x"], (row % 1000)[:, None, None].expand(-1, 2, 2).float()))
+            if not ok:
+                errors.append(batch)
+
+    import threading
+    threads = [threading.Thread(target=draw, args=(b,)) for b in (64, 64, 97, 300)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert torch.equal(kept["obs"], kept_obs) and torch.equal(kept["row"], kept_row)
+    assert torch.equal(kept["obs"], (kept["row"].double() % 200)[:, None].expand(-1, 3).float())
+
+
 @pytest.mark.parametrize("autoreset", ["same_step", "next_step"])
 def test_nested_subtree_narrowed_and_final_obs_rounded(autoreset):
     g = torch.Generator().manual_seed(0)
