@@ -39,6 +39,9 @@ from .sampling import live_span, row_marks, take, transition_ids, transition_lin
 #: Smallest int32: marks below any leaf's bits elect the last of repeated updates.
 _CLAIM = -2**31
 
+#: The int32 bits of float32 ``inf``.
+_INF_BITS = 0x7F800000
+
 #: Children per node, chosen with ``python -m bench.ops`` (update + draw of 4096 at 2**20 and
 #: 2**24 slots for fan-outs 8 to 128): 16 and 32 are the fastest on the CPU, and 32 keeps the
 #: tree one level shallower (4 levels at 2**20 slots, 6 at 2**26), one launch fewer per update
@@ -153,18 +156,28 @@ def _recompute(tree: PriorityTree, l: int, nodes: torch.Tensor | None) -> None:
         kids = tree.leaf[:-1].view(-1, f)
         if nodes is not None:
             kids = kids.index_select(0, nodes)
-        ks, km = kids, torch.where(kids > 0, kids, math.inf)
+        ks, km = kids.sum(1, dtype=torch.float64), smallest_positive(kids)
     else:
         below_sum, below_min = tree.level(l - 1)
         ks, km = below_sum.view(-1, f), below_min.view(-1, f)
         if nodes is not None:
             ks, km = ks.index_select(0, nodes), km.index_select(0, nodes)
+        ks, km = ks.sum(1, dtype=torch.float64), km.amin(1)
     if nodes is None:
-        sums[:ks.shape[0]] = ks.sum(1, dtype=torch.float64)
-        mins[:km.shape[0]] = km.amin(1)
+        sums[:ks.shape[0]] = ks
+        mins[:km.shape[0]] = km
     else:
-        sums.index_copy_(0, nodes, ks.sum(1, dtype=torch.float64))
-        mins.index_copy_(0, nodes, km.amin(1))
+        sums.scatter_(0, nodes, ks)
+        mins.scatter_(0, nodes, km)
+
+
+def smallest_positive(kids: torch.Tensor) -> torch.Tensor:
+    """[k] float32: the smallest positive value of each row of ``kids`` [k, F] (float32, >= 0,
+    not NaN), ``inf`` where none. Non-negative floats order as their int32 bits, so the minimum
+    is taken over ``bits - 1`` with 0 (no mass) moved to the top of the positive ints."""
+    top = (1 << 31) - 1
+    low = ((kids.view(torch.int32) - 1) & top).amin(1)
+    return torch.where(low == top, _INF_BITS, low + 1).view(torch.float32)
 
 
 def refresh(tree: PriorityTree, slots: torch.Tensor) -> None:
