@@ -120,9 +120,10 @@ def main() -> None:
                    repeats=10 if args.quick else 30, with_torchrl=with_torchrl)
     # W5-W6: the on-policy path (RolloutBuffer) against plain tensors.
     rows += run_rollout(device, repeats=10 if args.quick else 30)
-    # W7: narrow storage against the FastTD3-style layout.
+    # W7: narrow storage against the FastTD3-style layout (single calls of a few ms on the CPU:
+    # many repeats, so that the machine's slow phases do not decide the median).
     mem_rows, layout, mem_lines = run_memory(device, capacity=1 << (18 if args.quick else 20),
-                                             repeats=10 if args.quick else 30)
+                                             repeats=10 if args.quick else 100)
     rows += mem_rows
     print("## Core workloads (N=4096, obs float32[64], action float32[12], capacity 2^20; W5-W6: a "
           "rollout of T=24 rows; W7: the Isaac-style step of bench/memory.py)\n")
