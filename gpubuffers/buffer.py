@@ -761,7 +761,8 @@ class ReplayBuffer(Lanes):
         from ``source``, whose own ops for the same add have just run and whose cursors have not
         yet advanced.
         Only writes into memory that exists and tensors whose shapes and dtypes were checked;
-        every row it writes is read from the device cursors (graph-safe)."""
+        every row it writes is read from the device cursors (graph-safe), except in lockstep,
+        which runs on CPU tensors only and takes its rows from the host count."""
         if st.layout is not None:
             self.__dict__.update(st.layout)
         ix, ops_ = self._ix, self._ops
