@@ -116,7 +116,7 @@ def test_add_and_sample_replay_in_a_cuda_graph(marks, prio):
         step, term, trunc, final = inputs
         buf.add(step, terminated=term, truncated=trunc, final_obs=final)
         out = (buf.sample(512), buf.sample_sequences(64, 8), buf.sample_episodes(8, max_rows=512),
-               buf.episode_stats(), buf.episode_stats(last_rows=4))
+               buf.episode_stats(), buf.episode_stats(last_rows=4), buf.sample(512, n_step=3, gamma=0.99))
         if prio:
             buf.update_priorities(out[0]["index"], out[0]["obs"][:, 0].abs())
         return out

@@ -151,6 +151,92 @@ def test_td3_example_runs_and_writes_its_curve(tmp_path, prioritized):
     assert rows[2]["mean_return"] == "nan" and out["mean_return"] < 0
 
 
+def test_td3_cuda_graph_needs_cuda_and_even_updates():
+    import td3
+
+    with pytest.raises(ValueError, match="--cuda-graph needs a CUDA --device"):
+        td3.main(["--device", "cpu", "--cuda-graph", "--quiet"])
+
+
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_td3_learner_iteration_never_syncs(prioritized):
+    """What --cuda-graph captures must not read device values on the host: the n-step samples,
+    priority updates, losses, backward passes and target updates, checked here on any device.
+    Adam's step is swapped for a plain descent step, since its CPU path reads its step count (on
+    CUDA it runs with capturable=True, which keeps that count on the device)."""
+    from nosync import NoHostSync
+
+    import td3
+
+    args = td3.parse(["--device", "cpu", "--batch-size", "64", "--updates", "4", "--hidden", "16"]
+                     + (["--prioritized"] if prioritized else []))
+    g = torch.Generator().manual_seed(0)
+    buf = td3.ReplayBuffer(16 * 8, 8, done_marks="last", seed=3, priority_alpha=0.6 if prioritized else None)
+    for _ in range(20):  # wraps the 16-row ring
+        buf.add({"obs": torch.randn(8, 3, generator=g), "action": torch.randn(8, 1, generator=g),
+                 "reward": torch.randn(8, generator=g)}, terminated=torch.rand(8, generator=g) < 0.2,
+                truncated=torch.rand(8, generator=g) < 0.1, final_obs=torch.randn(8, 3, generator=g))
+    learner = td3.Learner(args, buf, 3, 1, 2.0, torch.Generator().manual_seed(1))
+    for opt in (learner.actor_opt, learner.critic_opt):
+        params = [p for group in opt.param_groups for p in group["params"]]
+        opt.step = torch.no_grad()(lambda params=params: torch._foreach_add_(params, [p.grad for p in params],
+                                                                             alpha=-1e-3))
+    learner.iteration(None)  # warm-up, as before a capture
+    before = [p.clone() for p in learner.critic.parameters()]
+    with NoHostSync():
+        learner.iteration(None)
+    assert learner.updates == 8
+    assert all(not torch.equal(a, b) for a, b in zip(before, learner.critic.parameters()))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("prioritized", [False, True])
+def test_td3_iterations_replayed_from_a_cuda_graph_equal_eager_ones(prioritized):
+    """The learner's iteration (n-step samples, priority updates, both optimizers, target
+    updates) captured once and replayed K times, with adds in between that wrap the ring, equals
+    K eager iterations of a twin: same parameters, same priorities, same random streams."""
+    import td3
+
+    argv = ["--device", "cuda", "--batch-size", "256", "--updates", "4", "--hidden", "32", "--cuda-graph"]
+    args = td3.parse(argv + (["--prioritized"] if prioritized else []))
+    lanes, rows = 64, 16
+    twins = []
+    for _ in range(2):
+        buf = td3.ReplayBuffer(rows * lanes, lanes, device="cuda", done_marks="last", seed=3,
+                               priority_alpha=0.6 if prioritized else None)
+        torch.manual_seed(0)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        twins.append((buf, td3.Learner(args, buf, 3, 1, 2.0, gen)))
+    g = torch.Generator(device="cuda").manual_seed(2)
+
+    def add_all(k):
+        step = {"obs": torch.randn(lanes, 3, generator=g, device="cuda"),
+                "action": torch.randn(lanes, 1, generator=g, device="cuda"),
+                "reward": torch.randn(lanes, generator=g, device="cuda")}
+        term = torch.rand(lanes, generator=g, device="cuda") < 0.05
+        trunc = torch.rand(lanes, generator=g, device="cuda") < 0.05
+        final = torch.randn(lanes, 3, generator=g, device="cuda")
+        for buf, _ in twins:
+            buf.add(step, terminated=term, truncated=trunc, final_obs=final)
+
+    for k in range(8):
+        add_all(k)
+    (_, eager), (_, graphed) = twins
+    for _ in range(3):  # what capture() runs as its warm-up
+        eager.iteration(None)
+    graphed.capture()
+    for k in range(3 * rows):  # replays wrap the 16-row ring three times
+        add_all(100 + k)
+        eager.iteration(None)
+        graphed.graph.replay()
+    torch.cuda.synchronize()
+    for a, b in ((eager.actor, graphed.actor), (eager.critic, graphed.critic), (eager.critic_t, graphed.critic_t)):
+        for pa, pb in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(pb, pa)
+    if prioritized:
+        torch.testing.assert_close(twins[1][0]._tree.leaf, twins[0][0]._tree.leaf)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("prioritized", [False, True])
 def test_td3_reaches_minus_250_on_pendulum_within_10_minutes(tmp_path, prioritized):

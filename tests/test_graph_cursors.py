@@ -54,6 +54,7 @@ def test_replays_with_frozen_host_values_equal_eager_calls(marks, autoreset, bac
             buf.add(obs, done, truncated=trunc, final_obs=final if same_step else None)
     for buf in (eager, replayed):
         buf.sample(8), buf.sample_sequences(2, 2), buf.sample_episodes(2, max_rows=16)
+        buf.sample(8, n_step=3, gamma=0.9)
     # The captured call's inputs live in fixed tensors, refilled before each replay.
     obs, done, trunc, final = step_for(99, g)
     captured = (replayed._total, replayed._rng.offset)
@@ -61,7 +62,7 @@ def test_replays_with_frozen_host_values_equal_eager_calls(marks, autoreset, bac
     def call(buf):
         buf.add(obs, done, truncated=trunc, final_obs=final if same_step else None)
         out = (buf.sample(16), buf.sample_sequences(4, 2), buf.sample_episodes(3, max_rows=24),
-               buf.episode_stats(), buf.episode_stats(2))
+               buf.episode_stats(), buf.episode_stats(2), buf.sample(16, n_step=3, gamma=0.9))
         if prio:  # priorities from this sample, for the next draws
             buf.update_priorities(out[0]["index"], out[0]["obs"][:, 0].abs())
         return out
