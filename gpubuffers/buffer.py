@@ -51,6 +51,11 @@ def _stored(values: dict[str, torch.Tensor], narrow: dict[str, torch.dtype]) -> 
     return {p: v.to(narrow[p]) if p in narrow else v for p, v in values.items()}
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether the current CUDA stream is capturing a graph (a host query, no sync)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class ReplayBuffer(Lanes):
     """A ring of ``capacity`` transitions from ``num_envs`` auto-resetting environments.
 
@@ -1382,8 +1387,13 @@ class ReplayBuffer(Lanes):
 
     def _episode_cumsum(self) -> tuple[torch.Tensor, torch.Tensor]:
         """([T * N] bool slots that end a whole live episode, [T * N] their cumulative count),
-        built once per add and shared by the draws and the default row budget."""
-        if self._episode_ends is None:
-            ends = self._ops.whole_episode_ends(self._ix)
-            self._episode_ends = (ends, torch.cumsum(ends, 0))
-        return self._episode_ends
+        built once per add and shared by the draws and the default row budget. A call captured in
+        a CUDA graph builds its own and keeps none: each replay must count the episodes of the rows
+        added since (eagerly or by the graph), not read what the host had counted at capture."""
+        if self._episode_ends is not None and not _capturing(self._device):
+            return self._episode_ends
+        ends = self._ops.whole_episode_ends(self._ix)
+        pair = (ends, torch.cumsum(ends, 0))
+        if not _capturing(self._device):
+            self._episode_ends = pair
+        return pair

@@ -9,7 +9,7 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 from gpubuffers import ReplayBuffer  # noqa: E402
-from test_graph_cursors import flat as _flat  # noqa: E402
+from test_graph_cursors import draws, flat as _flat  # noqa: E402
 
 N = 1024
 
@@ -148,6 +148,39 @@ def test_add_and_sample_replay_in_a_cuda_graph(marks, prio):
             assert torch.equal(x[:-1] if name == "leaf" else x, y[:-1] if name == "leaf" else y), name
     assert int(graphed.index.state[0]) == eager.num_adds
 
+
+
+@pytest.mark.parametrize("prio", [None, 0.6])
+def test_samplers_replayed_from_a_cuda_graph_see_eager_adds(prio):
+    # The off-policy loop's pattern: adds run eagerly, the samplers (and priority updates) replay
+    # from a graph captured after a warm-up that filled every cache. Each replay must draw from
+    # the rows added since, episodes included (their count is per add), as K eager calls do.
+    K = 6
+    eager = ReplayBuffer(16 * N, N, done_marks="last", seed=0, priority_alpha=prio)
+    graphed = ReplayBuffer(16 * N, N, done_marks="last", seed=0, priority_alpha=prio)
+    fill(eager, 14)
+    fill(graphed, 14)
+
+    def draw(buf):
+        return draws(buf, 512, (64, 8), (8, 512))
+
+    draw(eager), draw(graphed)  # warm-up: compiles, builds the gather plans and the episode count
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = draw(graphed)
+    inputs = static_inputs()
+    g_in = torch.Generator(device="cuda").manual_seed(6)
+    for k in range(K):  # the adds wrap the 16-row ring
+        refill(inputs, k, g_in)
+        step, term, trunc, final = inputs
+        for buf in (eager, graphed):
+            buf.add(step, terminated=term, truncated=trunc, final_obs=final)
+        want = [t.clone() for t in _flat(draw(eager))]
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (a, b) in enumerate(zip(_flat(got), want)):
+            assert torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True)), (k, i)
 
 
 @pytest.mark.parametrize("marks", ["first", "last"])

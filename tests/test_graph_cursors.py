@@ -7,6 +7,7 @@ On CUDA, tests/test_cuda.py captures a real graph and replays it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -88,6 +89,108 @@ def test_replays_with_frozen_host_values_equal_eager_calls(marks, autoreset, bac
         for name in ("leaf", "sums", "mins", "maxp"):
             assert torch.equal(getattr(eager._tree, name), getattr(replayed._tree, name)), name
     assert int(replayed.index.state[0]) == eager.num_adds  # the device counted every replay
+
+
+@pytest.mark.parametrize("marks,autoreset", MODES)
+@pytest.mark.parametrize("prio", [None, 0.6])
+def test_samplers_replayed_between_eager_adds_equal_eager_calls(marks, autoreset, prio, monkeypatch):
+    """The off-policy loop's pattern: adds run eagerly, the samplers replay from a graph captured
+    after a warm-up. Each "replay" runs with the host values the capture saw (rows added, random
+    offset, the episode count cached for that add) and as under capture; it must still draw
+    from the rows added since, episodes included, as eager calls do."""
+    import gpubuffers.buffer as buffer_module
+
+    eager, replayed = make(marks, autoreset, "torch", prio), make(marks, autoreset, "torch", prio)
+    g = torch.Generator().manual_seed(1)
+    same_step = autoreset == "same_step"
+
+    def add(k):
+        obs, done, trunc, final = step_for(k, g)
+        for buf in (eager, replayed):
+            buf.add(obs, done, truncated=trunc, final_obs=final if same_step else None)
+
+    for k in range(6):
+        add(k)
+    draws(eager), draws(replayed)  # warm-up: fills the caches a capture would see
+    captured = (replayed._total, replayed._rng.offset, replayed._episode_ends)
+    for k in range(K):
+        add(100 + k)
+        want = draws(eager)
+        now = (replayed._total, replayed._rng.offset, replayed._episode_ends)
+        replayed._total, replayed._rng.offset, replayed._episode_ends = captured
+        with monkeypatch.context() as m:
+            m.setattr(buffer_module, "_capturing", lambda device: True)
+            got = draws(replayed)
+        replayed._total, replayed._rng.offset, replayed._episode_ends = now
+        replayed._rng.offset = eager._rng.offset  # the host copy an eager call would have advanced
+        for i, (a, b) in enumerate(zip(flat(want), flat(got))):
+            assert torch.equal(a, b) or (a.is_floating_point() and torch.allclose(a, b, equal_nan=True)), \
+                (k, i)
+
+
+def draws(buf, batch=16, windows=(4, 2), episodes=(3, 24)) -> tuple:
+    """Every sampler once (plain and n-step transitions, windows, packed episodes, the episode
+    count and statistics), then the priorities of the plain sample where the buffer has them."""
+    out = (buf.sample(batch), buf.sample(batch, n_step=3, gamma=0.9), buf.sample_sequences(*windows),
+           buf.sample_episodes(episodes[0], max_rows=episodes[1]), buf.num_episodes, buf.episode_stats())
+    if buf.priority_alpha is not None:
+        buf.update_priorities(out[0]["index"], out[0]["obs"][:, 0].abs())
+    return out
+
+
+def _tensors(obj, path="buf", seen=None, out=None) -> dict[str, int]:
+    """The address of every tensor reachable from a buffer's attributes, by path."""
+    seen = set() if seen is None else seen
+    out = {} if out is None else out
+    if id(obj) in seen:
+        return out
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        out[path] = obj.data_ptr()
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _tensors(v, f"{path}[{k!r}]", seen, out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _tensors(v, f"{path}[{i}]", seen, out)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            _tensors(getattr(obj, f.name), f"{path}.{f.name}", seen, out)
+    elif type(obj).__module__.startswith("gpubuffers") and hasattr(obj, "__dict__"):
+        for k, v in vars(obj).items():
+            _tensors(v, f"{path}.{k}", seen, out)
+    return out
+
+
+@pytest.mark.parametrize("marks,autoreset", MODES)
+@pytest.mark.parametrize("prio", [None, 0.6])
+def test_eager_calls_keep_every_tensor_a_graph_reads_in_place(marks, autoreset, prio):
+    """A graph replays reads and writes at the addresses it captured: after the warm-up, adds and
+    every sampler over many wraps of the ring write the storage, index, tree and side tables in
+    place and never rebind them. The one exception is the per-add episode count, which a
+    captured call builds for itself (see the test above)."""
+    buf = make(marks, autoreset, "torch", prio)
+    g = torch.Generator().manual_seed(2)
+
+    def add_and_draw(k):
+        obs, done, trunc, final = step_for(k, g)
+        buf.add(obs, done, truncated=trunc, final_obs=final if autoreset == "same_step" else None)
+        if k == 0:
+            return  # a transition needs its successor row
+        s = buf.sample(8)
+        buf.sample(8, n_step=3, gamma=0.9), buf.sample_sequences(2, 2), buf.sample_episodes(2, max_rows=16)
+        buf.episode_stats(), buf.episode_stats(2), buf.num_episodes
+        if prio:
+            buf.update_priorities(s["index"], s["reward"].abs())
+
+    for k in range(6):
+        add_and_draw(k)
+    before = {p: a for p, a in _tensors(buf).items() if not p.startswith("buf._episode_ends")}
+    assert any(p.startswith("buf._ix.") for p in before) and any(p.startswith("buf._storage") for p in before)
+    for k in range(3 * ROWS + 1):
+        add_and_draw(100 + k)
+    after = _tensors(buf)
+    assert {p: after.get(p) for p in before} == before
 
 
 def flat(tree):
