@@ -162,14 +162,14 @@ def _tensors(obj, path="buf", seen=None, out=None) -> dict[str, int]:
     return out
 
 
-@pytest.mark.parametrize("marks,autoreset", MODES)
-@pytest.mark.parametrize("prio", [None, 0.6])
-def test_eager_calls_keep_every_tensor_a_graph_reads_in_place(marks, autoreset, prio):
+@pytest.mark.parametrize("marks,autoreset,prio,backend", [(m, a, p, "torch") for m, a in MODES for p in (None, 0.6)]
+                         + [("last", "same_step", 0.6, b) for b in BACKENDS if b != "torch"])
+def test_eager_calls_keep_every_tensor_a_graph_reads_in_place(marks, autoreset, prio, backend):
     """A graph replays reads and writes at the addresses it captured: after the warm-up, adds and
     every sampler over many wraps of the ring write the storage, index, tree and side tables in
     place and never rebind them. The one exception is the per-add episode count, which a
     captured call builds for itself (see the test above)."""
-    buf = make(marks, autoreset, "torch", prio)
+    buf = make(marks, autoreset, backend, prio)
     g = torch.Generator().manual_seed(2)
 
     def add_and_draw(k):
