@@ -106,6 +106,8 @@ def test_nstep_sample_draws_and_describes_the_first_rows_as_a_plain_sample(marks
         for key in ("index", "valid", "is_first", "is_last", "obs", "reward") + (("weight",) if alpha else ()):
             assert torch.equal(plain[key], seg[key]), key
         assert torch.equal(plain["info"]["row"], seg["info"]["row"])
+        # Every [B] column comes back dense, as the kernels write it (so .view() works on both).
+        assert all(v.is_contiguous() for v in seg.values() if isinstance(v, torch.Tensor))
 
 
 def test_one_step_returns_are_the_reward():

@@ -57,19 +57,21 @@ def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch
     flags = take(ix.end_flags, here)
     # Row t + i is in the segment when its successor is written and no earlier row ended: the
     # segment stops after its first end, and before the newest row.
+    ended = flags != 0
     k = torch.full_like(slot, n_step)
     for i in range(n_step - 2, -1, -1):  # the earliest end written last
-        k.masked_fill_(flags[:, i] != 0, i + 1)
+        k.masked_fill_(ended[:, i], i + 1)
     k = torch.minimum(k, ix.state[STATE_ADDS] - 1 - row).clamp_min_(0)
     terms = (take(reward, here).float() * powers[:n_step]).masked_fill_(cut.index_select(0, k), 0.0)
     ret = terms[:, 0]
     for i in range(1, n_step):  # left to right, as the kernel sums
         ret = ret + terms[:, i]
-    at = (k - 1).clamp_min_(0)[:, None]
-    last = here.gather(1, at).squeeze(1)
-    out = transition_links(ix, last, None, final_rows, next_step, flags=flags.gather(1, at).squeeze(1),
+    # Row t + k - 1 of each segment, picked from the flat [B * n] reads.
+    at = torch.arange(0, here.numel(), n_step, device=slot.device).add_((k - 1).clamp_min_(0))
+    last = here.view(-1).index_select(0, at)
+    out = transition_links(ix, last, None, final_rows, next_step, flags=flags.view(-1).index_select(0, at),
                            first=False)
-    out.update({"n_steps": k, "return": ret, "last": last, "first_is_last": flags[:, 0] != 0,
+    out.update({"n_steps": k, "return": ret, "last": last, "first_is_last": ended[:, 0].contiguous(),
                 "discount": powers.index_select(0, k).masked_fill_(out["terminated"], 0.0)})
     return out
 
