@@ -1390,10 +1390,11 @@ class ReplayBuffer(Lanes):
         built once per add and shared by the draws and the default row budget. A call captured in
         a CUDA graph builds its own and keeps none: each replay must count the episodes of the rows
         added since (eagerly or by the graph), not read what the host had counted at capture."""
-        if self._episode_ends is not None and not _capturing(self._device):
+        capturing = _capturing(self._device)
+        if self._episode_ends is not None and not capturing:
             return self._episode_ends
         ends = self._ops.whole_episode_ends(self._ix)
         pair = (ends, torch.cumsum(ends, 0))
-        if not _capturing(self._device):
+        if not capturing:
             self._episode_ends = pair
         return pair

@@ -151,7 +151,7 @@ def test_td3_example_runs_and_writes_its_curve(tmp_path, prioritized):
     assert rows[2]["mean_return"] == "nan" and out["mean_return"] < 0
 
 
-def test_td3_cuda_graph_needs_cuda_and_even_updates():
+def test_td3_cuda_graph_refuses_a_cpu_device():
     import td3
 
     with pytest.raises(ValueError, match="--cuda-graph needs a CUDA --device"):
