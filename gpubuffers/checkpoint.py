@@ -1,10 +1,19 @@
 """Checkpoints of a ReplayBuffer: everything an exact resume needs, as tensors plus a JSON header.
 
 ``state_dict`` holds the stored rows that are live (a buffer that has not wrapped yet gives only
-its written rows), the episode index, the final-observation side tables (without the scratch row
-that nothing reads; files that hold it load too), the per-row statistics, the priority tree
-where present, the host counters, the constructor settings and the random state of both backends
-(the torch generator's state, and the Philox seed and offset the kernels draw from). ``save``
+its written rows), the episode index, the final-observation side tables (their rows that hold
+entries: without the scratch row that nothing reads, and before any lane's ring wraps only the
+rows written so far), the per-row statistics, the priority tree where present (the leaves of
+live slots, and the internal levels), the host counters, the constructor settings and the
+random state of both backends (the torch generator's state, and the Philox seed and offset the
+kernels draw from). States of format 1, which hold the side tables and the tree's leaves whole,
+load too.
+
+``load_state_dict`` checks everything before it writes anything: the format, the settings, the
+leaf specs, the counters, and the name, shape and dtype of every tensor against this buffer's
+layout (derived on the meta device, so an empty buffer allocates nothing for a state it refuses).
+A refused state raises a ValueError (a TypeError for a value that is not a tensor or a number)
+naming what differs, and leaves the buffer as it was. ``save``
 writes it as one safetensors file (every tensor as raw bytes, its shape and dtype in the header,
 a SHA-256 of the bytes to catch corruption), atomically: a temporary file in the same folder,
 fsync, rename, fsync of the folder (a save killed midway leaves its temporary folder, which the
@@ -22,9 +31,14 @@ from typing import Any
 import torch
 
 from .layout import FINAL_IDX_MASK, SENTINEL, STATE_FLOOR
+from .reference import EpisodeIndex, PriorityTree
 from .specs import LeafSpec, resolve_device
+from .steps import leaves_under, narrowed
 
-FORMAT = 1
+#: The format this code writes, and those it reads. Format 2 writes the side tables' rows that
+#: hold entries and the tree's leaves of live slots only; format 1 held both whole.
+FORMAT = 2
+READS = (1, 2)
 _KEY = "gpubuffers"
 
 DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -64,15 +78,20 @@ def state_dict(buf) -> dict[str, Any]:
     live = min(buf._total, buf.rows)  # rows written (a reopened disk buffer's floor travels in the state)
     ix, tree = buf._ix, buf._tree
     tensors = {f"storage/{p}": t[:live] for p, t in buf._storage.items()}
-    # The side tables without their scratch row, which nothing reads.
-    tensors.update({f"final/{p}": t[:buf._final_rows] for p, t in buf._final.items()})
+    if buf._final:
+        # The side tables' rows that hold entries: lane n writes row fin_head[n] % final_rows, so
+        # before a lane's ring wraps only rows below the largest counter hold any (a host read:
+        # checkpoints are not the hot path). The scratch row, which nothing reads, stays home.
+        written = min(buf._final_rows, int(ix.fin_head.max()))
+        tensors.update({f"final/{p}": t[:written] for p, t in buf._final.items()})
     tensors.update({"index/start": ix.start[:live], "index/end_flags": ix.end_flags[:live],
                     "index/ret": ix.ret[:live], "index/final_idx": ix.final_idx[:live],
                     "index/fin_head": ix.fin_head, "index/state": ix.state,
                     "stats/rows": buf._row_stats[:live], "stats/totals": buf._stat_totals,
                     "rng/generator": buf._rng.generator.get_state()})
     if tree is not None:
-        tensors.update({"tree/leaf": tree.leaf, "tree/sums": tree.sums, "tree/mins": tree.mins,
+        # Slots past the live rows have no mass (leaf 0); the spare element is never read.
+        tensors.update({"tree/leaf": tree.leaf[:live * buf._lanes], "tree/sums": tree.sums, "tree/mins": tree.mins,
                         "tree/maxp": tree.maxp})
     header = {
         "format": FORMAT,
@@ -89,9 +108,9 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
     """Restore ``sd`` (from :func:`state_dict`, or read by :func:`load`) into ``buf``, which must
     have been built with the same settings; allocates on ``buf``'s device when it is empty. A
     state that does not match raises a ValueError naming what differs and leaves ``buf`` as it
-    was."""
+    was: everything is checked before anything is allocated or written."""
     header, tensors = _checked(sd)
-    settings = header["settings"]
+    settings, specs, counters = _header_parts(header)
     mine = {"capacity": buf.capacity, "num_envs": buf.num_envs, "done_marks": buf.done_marks,
             "autoreset": buf.autoreset, "next_keys": list(buf.next_keys), "reward_key": buf.reward_key,
             "final_obs_capacity": buf._final_rows * buf._lanes, "priority_alpha": buf.priority_alpha,
@@ -100,22 +119,14 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
     for k, v in mine.items():
         if settings.get(k, {} if k == "storage_dtypes" else None) != v:
             raise ValueError(f"state_dict: saved with {k}={settings.get(k)!r}, this buffer has {k}={v!r}")
-    specs = {p: LeafSpec(tuple(s["shape"]), DTYPES[s["dtype"]]) for p, s in header["specs"].items()}
     if buf._specs is not None and buf._specs != specs:
         differ = sorted(p for p in set(specs) | set(buf._specs) if specs.get(p) != buf._specs.get(p))
         raise ValueError(f"state_dict: saved leaves differ from this buffer's at {differ}: saved "
                          f"{ {p: specs.get(p) for p in differ} }, here { {p: buf._specs.get(p) for p in differ} }")
-    counters = header["counters"]
     live = min(counters["adds"], buf.rows)
-    for name, t in tensors.items():
-        if name.startswith(("storage/", "index/start", "index/end_flags", "index/ret", "index/final_idx",
-                            "stats/rows")) and t.shape[0] != live:
-            raise ValueError(f"state_dict: {name!r} holds {t.shape[0]} rows, expected the {live} live rows")
-        if name.startswith("final/") and t.shape[0] not in (buf._final_rows, buf._final_rows + 1):
-            # (earlier files hold the scratch row too)
-            raise ValueError(f"state_dict: {name!r} holds {t.shape[0]} rows, expected the {buf._final_rows} "
-                             f"rows of the final-observation side table")
-    device = buf._device if buf._device is not None else next(iter(tensors.values())).device
+    first = next((t for t in tensors.values() if isinstance(t, torch.Tensor)), None)
+    device = buf._device if buf._device is not None else first.device if first is not None else torch.device("cpu")
+    _check_tensors(buf, specs, tensors, counters, live, device)
     fresh = buf._allocate(specs, device) if buf._specs is None else None
     with torch.no_grad():
         if fresh is not None:
@@ -138,9 +149,107 @@ def load_state_dict(buf, sd: dict[str, Any]) -> None:
     buf._episode_ends = None
 
 
+def _header_parts(header: dict) -> tuple[dict, dict[str, LeafSpec], dict]:
+    """(settings, leaf specs, counters) of a state's header, each checked for the fields and
+    types that loading reads."""
+    parts = {}
+    for key in ("settings", "specs", "counters"):
+        if not isinstance(header.get(key), dict):
+            raise ValueError(f"state_dict: the header's {key!r} is missing or not a dict "
+                             f"(got {type(header.get(key)).__name__})")
+        parts[key] = header[key]
+    settings, counters = parts["settings"], parts["counters"]
+    if type(settings.get("seed")) is not int:
+        raise ValueError(f"state_dict: settings['seed'] must be an int, got {settings.get('seed')!r}")
+    for key in ("adds", "episode_rows", "rng_offset"):
+        v = counters.get(key)
+        if type(v) is not int or v < 0:
+            raise ValueError(f"state_dict: counters[{key!r}] must be an int >= 0, got {v!r}")
+    if not isinstance(counters.get("generator_device"), str):
+        raise ValueError(f"state_dict: counters['generator_device'] must be a device type such as 'cpu' "
+                         f"or 'cuda', got {counters.get('generator_device')!r}")
+    specs = {}
+    for p, s in parts["specs"].items():
+        shape, dtype = (s.get("shape"), s.get("dtype")) if isinstance(s, dict) else (None, None)
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)) or dtype not in DTYPES:
+            raise ValueError(f"state_dict: the spec of leaf {p!r} must be {{'shape': [ints >= 0], 'dtype': "
+                             f"one of {sorted(DTYPES)}}}, got {s!r}")
+        specs[p] = LeafSpec(tuple(shape), DTYPES[dtype])
+    if not specs:
+        raise ValueError("state_dict: the header's 'specs' lists no leaves")
+    return settings, specs, counters
+
+
+def _check_tensors(buf, specs: dict[str, LeafSpec], tensors: dict, counters: dict, live: int,
+                   device: torch.device) -> None:
+    """Every tensor a state of ``live`` rows must hold for ``buf``'s settings and ``specs``, with
+    its shape and dtype, and no other; the layout comes from the meta device (nothing is
+    allocated). Raises a ValueError (TypeError for a non-tensor) naming the first that differs."""
+    rows, lanes = buf._rows, buf._lanes
+    meta = torch.device("meta")
+    ix = EpisodeIndex.empty(rows, lanes, meta)
+    narrow = narrowed(buf.storage_dtypes, specs, [buf._reward_leaf(specs) or ""])
+    want: dict[str, tuple[tuple[int, ...], tuple[torch.dtype, ...]]] = {
+        f"storage/{p}": ((live, lanes, *s.shape), (narrow.get(p, s.dtype),)) for p, s in specs.items()}
+    for name in ("start", "end_flags", "ret"):
+        t = getattr(ix, name)
+        want[f"index/{name}"] = ((live, *t.shape[1:]), (t.dtype,))
+    # final_idx: int32 (earlier files: whole int64 counters); state: earlier files hold fewer.
+    want["index/final_idx"] = ((live, lanes), (ix.final_idx.dtype, torch.int64))
+    want["index/fin_head"] = (tuple(ix.fin_head.shape), (ix.fin_head.dtype,))
+    want["index/state"] = ((None,), (ix.state.dtype,))
+    want["stats/rows"] = ((live, 3), (torch.float64,))
+    want["stats/totals"] = ((3,), (torch.float64,))
+    want["rng/generator"] = ((None,), (torch.uint8,))
+    finals = [] if buf._next_step else [p for k in buf.next_keys for p in leaves_under(k, specs)]
+    for p in finals:
+        want[f"final/{p}"] = ((None, lanes, *specs[p].shape), (narrow.get(p, specs[p].dtype),))
+    tree = None
+    if buf.priority_alpha is not None:
+        tree = PriorityTree.empty(rows * lanes, lanes, buf.priority_alpha, buf.priority_eps, meta)
+        want["tree/leaf"] = ((None,), (tree.leaf.dtype,))
+        for name in ("sums", "mins", "maxp"):
+            t = getattr(tree, name)
+            want[f"tree/{name}"] = (tuple(t.shape), (t.dtype,))
+    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or extra:
+        raise ValueError(f"state_dict: tensors do not match this buffer's layout: "
+                         + (f"missing {missing}" if missing else "")
+                         + ("; " if missing and extra else "") + (f"unexpected {extra}" if extra else ""))
+    for name, (shape, dtypes) in want.items():
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict: tensors[{name!r}] must be a torch.Tensor, got {type(t).__name__}")
+        fits = t.dim() == len(shape) and all(w is None or w == d for w, d in zip(shape, t.shape))
+        if not fits or t.dtype not in dtypes:
+            shown = "(" + ", ".join("any" if w is None else str(w) for w in shape) + ")"
+            raise ValueError(f"state_dict: tensors[{name!r}] must have shape {shown} and dtype "
+                             f"{' or '.join(map(str, dtypes))}, got {tuple(t.shape)} {t.dtype}")
+    if tensors["index/state"].shape[0] > ix.state.shape[0]:
+        raise ValueError(f"state_dict: tensors['index/state'] holds {tensors['index/state'].shape[0]} counters, "
+                         f"at most {ix.state.shape[0]} expected")
+    if finals:
+        fin = tensors["index/fin_head"]
+        need = min(buf._final_rows, int(fin.max())) if fin.numel() else 0
+        for p in finals:
+            got = tensors[f"final/{p}"].shape[0]
+            if not need <= got <= buf._final_rows + 1:  # format 1 holds the scratch row too
+                span = f"{need}" if need == buf._final_rows else f"{need} to {buf._final_rows}"
+                raise ValueError(f"state_dict: 'final/{p}' holds {got} rows, expected {span} rows of the "
+                                 f"final-observation side table (at least the rows its counters have written)")
+    if tree is not None and tensors["tree/leaf"].shape[0] not in (live * lanes, tree.leaf.shape[0]):
+        raise ValueError(f"state_dict: 'tree/leaf' holds {tensors['tree/leaf'].shape[0]} leaves, expected the "
+                         f"{live * lanes} of the live slots (or all {tree.leaf.shape[0]})")
+    if counters["generator_device"] == device.type:
+        try:
+            torch.Generator(device=device).set_state(tensors["rng/generator"].cpu())
+        except RuntimeError as err:
+            raise ValueError(f"state_dict: 'rng/generator' is not a {device.type} generator state ({err})") from err
+
+
 def _restore(buf, tensors: dict[str, torch.Tensor], live: int) -> None:
-    """Copy a state in; rows past the live ones return to their state before any add (a buffer
-    that held more rows than the checkpoint keeps none of them)."""
+    """Copy a checked state in; rows past the live ones return to their state before any add (a
+    buffer that held more rows than the checkpoint keeps none of them)."""
     ix, tree = buf._ix, buf._tree
     for t in (*buf._storage.values(), ix.end_flags, ix.ret, ix.final_idx, buf._row_stats):
         t[live:].zero_()
@@ -148,8 +257,9 @@ def _restore(buf, tensors: dict[str, torch.Tensor], live: int) -> None:
     for p, t in buf._storage.items():
         t[:live].copy_(tensors[f"storage/{p}"])
     for p, t in buf._final.items():
-        rows = buf._final_rows
-        t[:rows].copy_(tensors[f"final/{p}"][:rows])
+        saved = tensors[f"final/{p}"][:buf._final_rows]
+        t[:saved.shape[0]].copy_(saved)
+        t[saved.shape[0]:buf._final_rows].zero_()
     for name in ("start", "end_flags", "ret"):
         getattr(ix, name)[:live].copy_(tensors[f"index/{name}"])
     # final_idx keeps the counters' low 31 bits (int32); earlier files hold them whole (int64).
@@ -162,7 +272,10 @@ def _restore(buf, tensors: dict[str, torch.Tensor], live: int) -> None:
     buf._row_stats[:live].copy_(tensors["stats/rows"])
     buf._stat_totals.copy_(tensors["stats/totals"])
     if tree is not None:
-        for name in ("leaf", "sums", "mins", "maxp"):
+        leaf = tensors["tree/leaf"]  # the live slots' (format 1: every leaf and the spare)
+        tree.leaf.zero_()
+        tree.leaf[:leaf.shape[0]].copy_(leaf)
+        for name in ("sums", "mins", "maxp"):
             getattr(tree, name).copy_(tensors[f"tree/{name}"])
 
 
@@ -171,9 +284,12 @@ def _checked(sd: Any) -> tuple[dict, dict]:
         raise TypeError("state_dict: expected the dict that ReplayBuffer.state_dict() returns "
                         "({'header': ..., 'tensors': ...})")
     header, tensors = sd["header"], sd["tensors"]
+    if not isinstance(header, dict) or not isinstance(tensors, dict):
+        raise TypeError(f"state_dict: 'header' and 'tensors' must be dicts, got {type(header).__name__} "
+                        f"and {type(tensors).__name__}")
     version = header.get("format")
-    if version != FORMAT:
-        raise ValueError(f"state_dict: format version {version!r}; this gpubuffers reads version {FORMAT}"
+    if version not in READS:
+        raise ValueError(f"state_dict: format version {version!r}; this gpubuffers reads versions {list(READS)}"
                          + (" (written by a newer gpubuffers: upgrade)" if isinstance(version, int)
                             and version > FORMAT else ""))
     return header, tensors

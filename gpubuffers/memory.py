@@ -10,7 +10,7 @@ import torch
 
 from .layout import MAX_ROWS
 from .specs import flatten, resolve_device
-from .steps import real
+from .steps import positive_int, real
 
 #: Bytes per slot of the temporaries that grow with capacity: ``sample_episodes`` keeps a table
 #: of the slots that end a whole episode (bool) and their running count (int64), and its default
@@ -69,7 +69,7 @@ def capacity_for(step_example: Any, num_envs: int | None, budget_bytes: int | No
             raise TypeError(f"capacity_for: unexpected buffer option {k!r} (it is what is computed, or "
                             f"an argument of its own)")
     fraction = real(fraction, "fraction", 0.0, 1.0, open_low=True)
-    lanes = 1 if num_envs is None else num_envs
+    lanes = 1 if num_envs is None else positive_int(num_envs, "num_envs")
 
     def total(rows: int) -> int | float:
         if rows > MAX_ROWS:  # more rows per lane than a buffer may hold: never fits

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from compare import assert_identical, interpreted_slow
+from compare import assert_identical, interpreted_slow, raw_state, same_raw
 from gpubuffers import ReplayBuffer
 
 pytest.importorskip("safetensors")
@@ -95,7 +95,7 @@ def test_side_tables_travel_without_their_scratch_row_and_older_states_with_it_l
     assert_identical(drive(a, 30, 40, seed=2), drive(b, 30, 40, seed=2))
     c = ReplayBuffer(**kw)
     short = {**sd["tensors"], "final/obs": sd["tensors"]["final/obs"][:2]}
-    with pytest.raises(ValueError, match="'final/obs' holds 2 rows, expected the 3 rows of the final-observation"):
+    with pytest.raises(ValueError, match="'final/obs' holds 2 rows, expected 3 rows of the final-observation"):
         c.load_state_dict({"header": sd["header"], "tensors": short})
     assert c.num_adds == 0 and c.index is None
 
@@ -189,7 +189,7 @@ def test_header_is_json_and_nothing_is_unpickled(tmp_path):
     _, path = saved(tmp_path)
     with safe_open(str(path), framework="pt") as f:
         header = json.loads(f.metadata()["gpubuffers"])
-    assert header["format"] == 1 and header["settings"]["capacity"] == 16 * N
+    assert header["format"] == 2 and header["settings"]["capacity"] == 16 * N
     assert header["specs"]["obs"] == {"shape": [3], "dtype": "float32"}
     assert header["counters"]["adds"] == 5
 
@@ -284,3 +284,118 @@ def test_loading_into_a_used_buffer_forgets_its_rows(tmp_path):
         assert torch.equal(getattr(b.index, name), getattr(fresh.index, name)), name
     assert b.num_adds == 5 and torch.equal(b.sample_episodes(4, max_rows=16)["valid"],
                                            fresh.sample_episodes(4, max_rows=16)["valid"])
+
+
+def used(prio=0.6, adds=30, **kw):
+    """A buffer with every part a state can hold: priorities, final observations, wrapped."""
+    buf = ReplayBuffer(16 * N, N, done_marks="last", seed=3, priority_alpha=prio, final_obs_capacity=3 * N, **kw)
+    drive(buf, 0, adds, seed=1)
+    return buf
+
+
+def wrong(sd, drop=(), extra=None, change=None, to=None, header=None, counters=None):
+    """A copy of ``sd`` with one thing wrong."""
+    tensors = {k: v.clone() for k, v in sd["tensors"].items() if k not in drop}
+    if extra:
+        tensors[extra] = torch.zeros(1)
+    if change:
+        tensors[change] = to(tensors[change])
+    head = {**sd["header"], **(header or {})}
+    if counters:
+        head["counters"] = {**head["counters"], **counters}
+    return {"header": head, "tensors": tensors}
+
+
+REFUSED = [
+    # (what is wrong, how, error type, message fragment)
+    ("a leaf's rows", dict(drop=["storage/obs"]), ValueError, "missing ['storage/obs']"),
+    ("the index", dict(drop=["index/start", "index/ret"]), ValueError, "missing ['index/ret', 'index/start']"),
+    ("the tree", dict(drop=["tree/leaf"]), ValueError, "missing ['tree/leaf']"),
+    ("the side table", dict(drop=["final/obs"]), ValueError, "missing ['final/obs']"),
+    ("the generator", dict(drop=["rng/generator"]), ValueError, "missing ['rng/generator']"),
+    ("an unknown tensor", dict(extra="storage/nope"), ValueError, "unexpected ['storage/nope']"),
+    ("rows", dict(change="storage/obs", to=lambda t: t[:-1]), ValueError,
+     "tensors['storage/obs'] must have shape (16, 6, 3) and dtype torch.float32, got (15, 6, 3) torch.float32"),
+    ("a leaf's shape", dict(change="storage/obs", to=lambda t: t[..., :2]), ValueError, "got (16, 6, 2)"),
+    ("a leaf's dtype", dict(change="storage/obs", to=lambda t: t.double()), ValueError, "got (16, 6, 3) torch.float64"),
+    ("the index dtype", dict(change="index/start", to=lambda t: t.int()), ValueError,
+     "tensors['index/start'] must have shape (16, 6) and dtype torch.int64"),
+    ("the lane count", dict(change="index/fin_head", to=lambda t: t[:-1]), ValueError, "tensors['index/fin_head']"),
+    ("the tree's leaves", dict(change="tree/leaf", to=lambda t: t[:-1]), ValueError, "'tree/leaf' holds 95 leaves"),
+    ("the tree's sums", dict(change="tree/sums", to=lambda t: t.float()), ValueError, "tensors['tree/sums']"),
+    ("the side table's rows", dict(change="final/obs", to=lambda t: t[:1]), ValueError,
+     "'final/obs' holds 1 rows, expected 3 rows"),
+    ("the generator state", dict(change="rng/generator", to=lambda t: t[:9]), ValueError,
+     "'rng/generator' is not a cpu generator state"),
+    ("too many counters", dict(change="index/state", to=lambda t: torch.cat([t, t])), ValueError,
+     "tensors['index/state'] holds"),
+    ("not a tensor", dict(change="stats/totals", to=lambda t: t.tolist()), TypeError,
+     "tensors['stats/totals'] must be a torch.Tensor, got list"),
+    ("adds", dict(counters={"adds": -1}), ValueError, "counters['adds'] must be an int >= 0, got -1"),
+    ("the offset", dict(counters={"rng_offset": "7"}), ValueError, "counters['rng_offset']"),
+    ("no counters", dict(header={"counters": None}), ValueError, "the header's 'counters' is missing"),
+    ("a leaf's spec", dict(header={"specs": {"obs": {"shape": [3], "dtype": "float99"}}}), ValueError,
+     "the spec of leaf 'obs'"),
+    ("the seed", dict(header={"settings": None}), ValueError, "the header's 'settings' is missing"),
+]
+
+
+@pytest.mark.parametrize("what,how,error,message", REFUSED, ids=[r[0] for r in REFUSED])
+def test_a_refused_state_leaves_the_buffer_as_it_was(what, how, error, message):
+    """Every state that does not fit is refused before anything is written: a used buffer keeps
+    every byte and counter, an empty one stays empty (nothing allocated)."""
+    sd = used().state_dict()
+    bad = wrong(sd, **how)
+    busy = used(adds=21)
+    before = raw_state(busy)
+    with pytest.raises(error, match=__import__("re").escape(message)):
+        busy.load_state_dict(bad)
+    same_raw(before, raw_state(busy))
+    assert busy.num_adds == 21 and busy._floor == 0 and busy.specs is not None
+    assert_identical(drive(busy, 21, 25, seed=7), drive(used(adds=21), 21, 25, seed=7))
+    empty = ReplayBuffer(16 * N, N, done_marks="last", seed=3, priority_alpha=0.6, final_obs_capacity=3 * N)
+    with pytest.raises(error, match=__import__("re").escape(message)):
+        empty.load_state_dict(bad)
+    assert empty.specs is None and empty.index is None and empty.num_adds == 0 and empty._rng is None
+    empty.load_state_dict(sd)  # the right state still loads
+    assert_identical(drive(empty, 30, 34, seed=7), drive(used(), 30, 34, seed=7))
+
+
+def test_a_half_full_buffer_writes_half_of_its_tree_and_side_table(tmp_path):
+    """The priority leaves of live slots and the side-table rows that hold entries travel, not
+    the whole of either: a buffer saved half full writes about half the bytes of a full one."""
+    lanes, rows = 16, 1000
+    sizes, parts = {}, {}
+    for adds in (rows // 2, rows):
+        buf = ReplayBuffer(rows * lanes, lanes, done_marks="last", seed=0, priority_alpha=0.6,
+                           final_obs_capacity=rows * lanes // 4)
+        g = torch.Generator().manual_seed(0)
+        for a in range(adds):
+            done = torch.rand(lanes, generator=g) < 0.01
+            buf.add({"obs": torch.randn(lanes, 3, generator=g), "reward": torch.randn(lanes, generator=g)},
+                    done, final_obs=torch.randn(lanes, 3, generator=g))
+        sd = buf.state_dict()
+        parts[adds] = {k: v.numel() * v.element_size() for k, v in sd["tensors"].items()}
+        assert sd["tensors"]["tree/leaf"].shape == (adds * lanes,)
+        written = int(buf.index.fin_head.max())
+        assert sd["tensors"]["final/obs"].shape[0] == min(written, rows // 4) > 0
+        buf.save(tmp_path / f"{adds}.safetensors")
+        sizes[adds] = os.path.getsize(tmp_path / f"{adds}.safetensors")
+        back = ReplayBuffer.load(tmp_path / f"{adds}.safetensors")
+        same_raw(raw_state(back, scratch=False), raw_state(buf, scratch=False))
+    assert parts[rows // 2]["tree/leaf"] * 2 == parts[rows]["tree/leaf"]
+    assert parts[rows // 2]["final/obs"] < parts[rows]["final/obs"]
+    assert sizes[rows // 2] / sizes[rows] < 0.53
+
+
+def test_a_format_1_state_with_whole_tables_loads():
+    """States of format 1 held the tree's every leaf (and its spare) and the side tables with
+    their scratch row: they load and continue exactly."""
+    a = used()
+    sd = a.state_dict()
+    t = dict(sd["tensors"])
+    t["tree/leaf"] = torch.cat([t["tree/leaf"], torch.zeros(a._tree.leaf.shape[0] - t["tree/leaf"].shape[0])])
+    t["final/obs"] = torch.cat([t["final/obs"], torch.randn(a._final_rows + 1 - t["final/obs"].shape[0], N, 3)])
+    b = ReplayBuffer(16 * N, N, done_marks="last", seed=3, priority_alpha=0.6, final_obs_capacity=3 * N)
+    b.load_state_dict({"header": {**sd["header"], "format": 1}, "tensors": {k: v.clone() for k, v in t.items()}})
+    assert_identical(drive(a, 30, 40, seed=2), drive(b, 30, 40, seed=2))

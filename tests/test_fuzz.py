@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from compare import assert_identical
+from compare import assert_identical, raw_state, same_raw
 from gpubuffers import ReplayBuffer
 from oracle import build_lanes, expected, flags, obs
 
@@ -37,48 +37,20 @@ def reward(lane, row):
     return float(row % 5) + 0.25 * lane
 
 
-def raw_state(buf, scratch=True):
-    """Every byte the buffer holds (whole rings and side tables, index, statistics, tree,
-    generator) and its host counters; without ``scratch``, not the side tables' scratch row,
-    which nothing reads and a checkpoint does not carry."""
-    out = {"counters": (buf.num_adds, buf._rng.offset if buf._rng else None, buf._episode_rows)}
-    if buf._ix is None:
-        return out
-    cut = 0 if scratch or not buf._final else buf._lanes  # the scratch row ends each allocation
-    tensors = {f"src/{k}": v[:v.shape[0] - cut] for k, v in buf._next_src.items()}
-    tensors.update({f"storage/{k}": v for k, v in buf._storage.items()})
-    tensors.update({f"ix/{k}": v for k, v in vars(buf._ix).items() if isinstance(v, torch.Tensor)})
-    tensors.update({"stats/rows": buf._row_stats, "stats/totals": buf._stat_totals,
-                    "gen": buf._rng.generator.get_state()})
-    if buf._tree is not None:
-        tensors.update({f"tree/{k}": getattr(buf._tree, k) for k in ("leaf", "sums", "mins", "maxp")})
-    out.update({k: v.detach().clone().reshape(-1).view(torch.uint8) for k, v in tensors.items()})
-    return out
-
-
-def same_raw(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        if k == "counters":
-            assert a[k] == b[k]
-        else:
-            assert torch.equal(a[k], b[k]), k
-
-
 class BufferMachine(RuleBasedStateMachine):
     @initialize(lanes=st.sampled_from([1, 3, 5]), rows=st.integers(2, 8),
                 marks=st.sampled_from(["first", "last"]), autoreset=st.sampled_from(["same_step", "next_step"]),
-                prio=st.sampled_from([None, 0.7]), narrow=st.booleans(),
+                prio=st.sampled_from([None, 0.7]), narrow=st.booleans(), finite=st.booleans(),
                 plans=st.lists(st.lists(st.tuples(st.integers(1, 6), st.booleans()), min_size=1, max_size=4),
                                min_size=1, max_size=5),
                 seed=st.integers(0, 2**31))
-    def setup(self, lanes, rows, marks, autoreset, prio, narrow, plans, seed):
+    def setup(self, lanes, rows, marks, autoreset, prio, narrow, finite, plans, seed):
         self.n, self.rows = lanes, rows
         self.marks_last, self.next_step = marks == "last", autoreset == "next_step"
         self.plans = [plans[i % len(plans)] for i in range(lanes)]
         kw = dict(capacity=rows * lanes, num_envs=lanes, done_marks=marks, autoreset=autoreset, seed=seed,
                   final_obs_capacity=rows * lanes, priority_alpha=prio, backend="torch",
-                  storage_dtypes={"info/row": torch.int16} if narrow else None)
+                  storage_dtypes={"info/row": torch.int16} if narrow else None, check_finite=finite)
         self.buf, self.twin = ReplayBuffer(**kw), ReplayBuffer(**kw)
         self.adds = 0
         self.missing = set()  # (lane, last row) whose final obs was left out
@@ -235,7 +207,7 @@ class BufferMachine(RuleBasedStateMachine):
             loaded = ReplayBuffer(self.buf.capacity, self.buf.num_envs, done_marks=self.buf.done_marks,
                                   autoreset=self.buf.autoreset, seed=12345, final_obs_capacity=self.buf.capacity,
                                   priority_alpha=self.buf.priority_alpha, backend="torch",
-                                  storage_dtypes=self.buf.storage_dtypes)
+                                  storage_dtypes=self.buf.storage_dtypes, check_finite=self.buf.check_finite)
             loaded.load_state_dict(sd)
         # The loaded buffer holds the saved one's bytes (rows past the live ones were never
         # written: the ring has not wrapped), which the invariant compares with the twin's.
@@ -245,7 +217,7 @@ class BufferMachine(RuleBasedStateMachine):
 
     # ------------------------------------------------------------ malformed calls
     @precondition(lambda self: self.adds >= 1)
-    @rule(which=st.integers(0, 19))
+    @rule(which=st.integers(0, 29))
     def malformed(self, which):
         n = self.n
         good = {"obs": torch.zeros(n, 3), "reward": torch.zeros(n),
@@ -276,12 +248,40 @@ class BufferMachine(RuleBasedStateMachine):
             lambda: b.update_priorities(torch.zeros(3, dtype=torch.int64), torch.zeros(2)),
             lambda: b.update_priorities(torch.zeros(2), torch.zeros(2)),
             lambda: b.load_state_dict({"header": {"format": 99}, "tensors": {}}),
+            # NaN in a step: refused under check_finite (else stored as given: not malformed)
+            lambda: b.add({**good, "obs": torch.full((n, 3), float("nan"))}, done, final_obs=final)
+            if b.check_finite else b.sample(-1),
+            # states that do not fit this buffer, from its own state
+            lambda: b.load_state_dict(bad_state(b, drop="storage/obs")),
+            lambda: b.load_state_dict(bad_state(b, extra=True)),
+            lambda: b.load_state_dict(bad_state(b, change="storage/obs", to=lambda t: t[:-1])),
+            lambda: b.load_state_dict(bad_state(b, change="storage/obs", to=lambda t: t.double())),
+            lambda: b.load_state_dict(bad_state(b, change="index/start", to=lambda t: t.int())),
+            lambda: b.load_state_dict(bad_state(b, change="rng/generator", to=lambda t: t[:7])),
+            lambda: b.load_state_dict(bad_state(b, change="tree/leaf", to=lambda t: t[:-1]) if b.priority_alpha
+                                      else bad_state(b, change="index/fin_head", to=lambda t: t[None])),
+            lambda: b.load_state_dict(bad_state(b, counters={"adds": -1})),
+            lambda: b.load_state_dict(bad_state(b, change="stats/totals", to=lambda t: t.tolist())),
         ]
         before = raw_state(b)
         with pytest.raises((ValueError, TypeError)):
             calls[which]()
         same_raw(before, raw_state(b))
         RAN["malformed calls"] += 1
+
+
+def bad_state(buf, drop=None, extra=False, change=None, to=None, counters=None):
+    """``buf``'s own state dict (cloned), with one thing wrong."""
+    sd = buf.state_dict()
+    tensors = {k: v.clone() for k, v in sd["tensors"].items() if k != drop}
+    if extra:
+        tensors["storage/nope"] = torch.zeros(1)
+    if change is not None:
+        tensors[change] = to(tensors[change])
+    header = dict(sd["header"])
+    if counters:
+        header["counters"] = {**header["counters"], **counters}
+    return {"header": header, "tensors": tensors}
 
 
 def run_machine(examples):

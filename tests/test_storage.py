@@ -249,6 +249,9 @@ def test_capacity_for_defaults_and_errors(monkeypatch):
         capacity_for(example(), N, budget_bytes=10**6, capacity=10)
     with pytest.raises(ValueError, match=r"storage_dtypes\['obs'\]"):
         capacity_for(example(), N, budget_bytes=10**6, storage_dtypes={"obs": torch.int8})
+    for lanes, kind in ((-1, ValueError), (0, ValueError), ("8", TypeError), (True, TypeError), (2.0, TypeError)):
+        with pytest.raises(kind, match=r"^num_envs: expected a positive int"):
+            capacity_for(example(), lanes, budget_bytes=10**6)
 
 
 def test_capacity_for_stops_at_the_largest_row_count_a_buffer_may_hold():
