@@ -32,6 +32,9 @@ pytest.importorskip("safetensors")
 
 RAN: collections.Counter = collections.Counter()
 
+#: Leaves a machine may store narrowed, and how.
+NARROW = {"info/row": torch.int16, "obs": torch.bfloat16}
+
 
 def reward(lane, row):
     return float(row % 5) + 0.25 * lane
@@ -40,7 +43,8 @@ def reward(lane, row):
 class BufferMachine(RuleBasedStateMachine):
     @initialize(lanes=st.sampled_from([1, 3, 5]), rows=st.integers(2, 8),
                 marks=st.sampled_from(["first", "last"]), autoreset=st.sampled_from(["same_step", "next_step"]),
-                prio=st.sampled_from([None, 0.7]), narrow=st.booleans(), finite=st.booleans(),
+                prio=st.sampled_from([None, 0.7]), narrow=st.sampled_from([(), ("info/row",), ("obs",), ("info/row", "obs")]),
+                finite=st.booleans(),
                 plans=st.lists(st.lists(st.tuples(st.integers(1, 6), st.booleans()), min_size=1, max_size=4),
                                min_size=1, max_size=5),
                 seed=st.integers(0, 2**31))
@@ -50,7 +54,8 @@ class BufferMachine(RuleBasedStateMachine):
         self.plans = [plans[i % len(plans)] for i in range(lanes)]
         kw = dict(capacity=rows * lanes, num_envs=lanes, done_marks=marks, autoreset=autoreset, seed=seed,
                   final_obs_capacity=rows * lanes, priority_alpha=prio, backend="torch",
-                  storage_dtypes={"info/row": torch.int16} if narrow else None, check_finite=finite)
+                  # obs holds (lane, row, final): small integers, exact in bfloat16 (rows stay < 256)
+                  storage_dtypes={p: NARROW[p] for p in narrow} or None, check_finite=finite)
         self.buf, self.twin = ReplayBuffer(**kw), ReplayBuffer(**kw)
         self.adds = 0
         self.missing = set()  # (lane, last row) whose final obs was left out
