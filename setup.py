@@ -17,8 +17,9 @@ setup(
         "triton; platform_system == 'Linux'",
     ],
     extras_require={
+        # tqdm and matplotlib: the examples' smoke tests require their progress bars and PNG curves.
         "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict",
-                 "mujoco", "imageio", "safetensors", "minari>=0.5", "pyarrow"],
+                 "mujoco", "imageio", "safetensors", "minari>=0.5", "pyarrow", "tqdm", "matplotlib"],
         # ReplayBuffer.save / ReplayBuffer.load write and read safetensors files.
         "checkpoint": ["safetensors"],
         # Export to and import from Minari datasets (gpubuffers.offline), stored as Arrow files.

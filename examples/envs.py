@@ -3,9 +3,13 @@ like Isaac Lab's: ``obs, reward, terminated, truncated, extras = env.step(action
 
 Each lane resets itself in the same step its episode ends (the returned ``obs`` is already the
 next episode's first observation) and ``extras["final_obs"]`` holds the true last observation of
-the lanes that ended (zeros elsewhere). Time limits end episodes by truncation. The dynamics,
-rewards, terminations and limits are gymnasium's ``CartPole-v1`` and ``Pendulum-v1`` (checked step
-for step against gymnasium in ``tests/test_examples.py``), computed in float32.
+the lanes that ended (zeros elsewhere). Time limits end episodes by truncation, as gymnasium's
+``TimeLimit`` does: ``truncated`` is set in the step that reaches the limit whether or not that
+step also terminates (a lane with both flags ends by termination: it has no future to bootstrap
+from; ``gpubuffers`` buffers read it so). The dynamics, rewards, terminations and limits are
+gymnasium's ``CartPole-v1`` and ``Pendulum-v1`` (checked against gymnasium over whole
+trajectories, auto-resets and time limits included, in ``tests/test_examples.py``), computed in
+float32.
 
 This module does not import gpubuffers: it stands for the user's simulator.
 """
@@ -25,7 +29,16 @@ class BatchedEnv:
     action_dim: int
     max_steps: int
 
-    def __init__(self, num_envs: int, device: str | torch.device = "cpu", seed: int = 0) -> None:
+    def __init__(self, num_envs: int, device: str | torch.device = "cpu", seed: int = 0,
+                 max_steps: int | None = None) -> None:
+        """``max_steps``: the time limit in steps per episode, gymnasium's ``max_episode_steps``
+        (default: the class's, as registered in gymnasium)."""
+        if max_steps is not None:
+            if isinstance(max_steps, bool) or not isinstance(max_steps, int):
+                raise TypeError(f"max_steps: expected an int or None, got {type(max_steps).__name__}")
+            if max_steps < 1:
+                raise ValueError(f"max_steps: expected at least 1 step per episode, got {max_steps}")
+            self.max_steps = max_steps
         self.num_envs = num_envs
         self.device = torch.device(device)
         self.gen = torch.Generator(device=self.device).manual_seed(seed)
@@ -44,7 +57,7 @@ class BatchedEnv:
     def step(self, action: torch.Tensor):
         state, reward, terminated = self._dynamics(self.state, action)
         self.steps += 1
-        truncated = (self.steps >= self.max_steps) & ~terminated
+        truncated = self.steps >= self.max_steps  # gymnasium's TimeLimit: terminated or not
         done = terminated | truncated
         final_obs = torch.where(done[:, None], self.observe(state), 0.0)
         fresh = self._initial(self.num_envs)  # drawn for every lane: fixed shapes, no sync

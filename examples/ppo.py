@@ -4,9 +4,11 @@ the final observation's value at time limits, shuffled minibatch epochs.
     python examples/ppo.py [--device cuda] [--num-envs 1024] [--seed 0] [--env partial]
 
 Prints progress (tqdm when installed), writes ``ppo_<env>.csv`` (the learning curve, with the wall
-time split into simulation, acting, ``add``, ``compute_returns`` and learning) and ``.png``
-(matplotlib when installed). The time split synchronizes the device around each phase (on CUDA),
-which the buffer itself never does. Stops at the target mean return (episodes ended in the last 5
+time split into simulation, acting, ``add``, ``compute_returns``, sampling (the minibatch gathers
+of ``ro.minibatches``) and learning, in total seconds and in microseconds per environment step)
+and ``.png`` (matplotlib when installed), and ends by printing each phase's wall time per
+environment step. The time split synchronizes the device around each phase (on CUDA), which the
+buffer itself never does. Stops at the target mean return (episodes ended in the last 5
 iterations) or after ``--max-minutes``.
 """
 
@@ -19,12 +21,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Curve, Returns, Timer, arguments  # noqa: E402
+from common import Curve, Returns, Timer, arguments, summary  # noqa: E402
 from envs import CartPole, PartialCartPole  # noqa: E402
 
 from gpubuffers import RolloutBuffer  # noqa: E402
 
-PHASES = ("sim", "act", "add", "returns", "learn")
+PHASES = ("sim", "act", "add", "returns", "sample", "learn")
 ENVS = {"cartpole": CartPole, "partial": PartialCartPole}
 
 
@@ -39,12 +41,14 @@ def mlp(inp: int, out: int, hidden: int = 64, gain: float = 1.0) -> nn.Sequentia
     return net
 
 
-def parse(argv=None, doc: str = __doc__, choose_env: bool = True):
-    p = arguments(doc, target=475.0, minutes=5.0)
+def parse(argv=None, doc: str = __doc__, choose_env: bool = True, iterations: int = 60, minutes: float = 5.0):
+    """The options; ``iterations`` and ``minutes`` are the defaults of ``--iterations`` and
+    ``--max-minutes`` (the recurrent agent needs more of both)."""
+    p = arguments(doc, target=475.0, minutes=minutes)
     if choose_env:
         p.add_argument("--env", choices=sorted(ENVS), default="cartpole",
                        help="partial: CartPole observed without velocities")
-    p.add_argument("--iterations", type=int, default=60)
+    p.add_argument("--iterations", type=int, default=iterations)
     p.add_argument("--num-steps", type=int, default=16, help="rows per rollout")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--minibatches", type=int, default=8)
@@ -94,6 +98,7 @@ def main(argv=None) -> dict:
             ro.compute_returns(last_value, args.gamma, args.lam)
             timer.stop("returns")
         for batch in ro.minibatches(args.minibatches, args.epochs):
+            timer.stop("sample")
             logits = actor(batch["obs"])
             log_prob = torch.log_softmax(logits, -1).gather(1, batch["action"][:, None])[:, 0]
             ratio = (log_prob - batch["log_prob"]).exp()
@@ -106,16 +111,10 @@ def main(argv=None) -> dict:
             loss.backward()
             nn.utils.clip_grad_norm_([*actor.parameters(), *critic.parameters()], 0.5)
             opt.step()
-        timer.stop("learn")
+            timer.stop("learn")
         if curve.record(it + 1, (it + 1) * args.num_steps * n, returns.mean(), timer, episodes=returns.episodes):
             break
     return curve.finish(f"ppo_{args.env}", f"PPO, {env.__class__.__name__}, {n} lanes, {device}", timer)
-
-
-def summary(out: dict) -> str:
-    total = sum(out["phases"].values())
-    return (f"mean return {out['mean_return']:.1f} after {out['wall_s']:.0f} s; time split: " +
-            ", ".join(f"{k} {v / total:.0%}" for k, v in out["phases"].items()))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from common import device_option  # noqa: E402
 from envs import Pendulum, pendulum_images  # noqa: E402
 
 from gpubuffers import ReplayBuffer  # noqa: E402
@@ -49,7 +50,8 @@ def check_windows(batch: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_option, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N, ... (a device this machine has)")
     p.add_argument("--num-envs", type=int, default=16)
     p.add_argument("--steps", type=int, default=10_000, help="capacity, in steps of all lanes together")
     p.add_argument("--seed", type=int, default=0)

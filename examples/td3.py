@@ -8,7 +8,8 @@ limits), then runs ``--updates`` critic updates on ``sample(B, n_step=3, gamma=0
 and an actor update every second one. The mean return comes from the buffer's own
 ``episode_stats`` over the last 200 rows. Writes ``td3_pendulum.csv`` and ``.png`` like
 ``examples/ppo.py``, with the wall time split into simulation, acting, ``add``, sampling (with
-the priority updates) and learning.
+the priority updates) and learning, in total seconds and per environment step, and ends by
+printing each phase's wall time per environment step.
 
 ``--cuda-graph`` (CUDA, even ``--updates``) captures an iteration's updates, sampling and priority
 updates included, in one CUDA graph and replays it each iteration; the first learning iteration
@@ -25,9 +26,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Curve, Timer, arguments  # noqa: E402
+from common import Curve, Timer, arguments, summary  # noqa: E402
 from envs import GymnasiumVec, Pendulum  # noqa: E402
-from ppo import summary  # noqa: E402
 
 from gpubuffers import ReplayBuffer  # noqa: E402
 
@@ -223,6 +223,7 @@ def main(argv=None) -> dict:
     title = (f"TD3{' + PER' if args.prioritized else ''}, {'HalfCheetah-v5' if gym else 'Pendulum'}, {n} lanes, "
              f"{device}{', CUDA graph' if args.cuda_graph else ''}")
     return curve.finish(name, title, timer)
+
 
 if __name__ == "__main__":
     print(summary(main()))
