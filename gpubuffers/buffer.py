@@ -56,6 +56,12 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
+#: The range of ``priority_eps``: from the smallest normal float32 (a priority of 0 keeps a
+#: reachable share), to a bound under 2**103, half the spacing of float32 at its largest values,
+#: so that ``priority + eps`` of any finite float32 priority rounds to a finite float32.
+PRIORITY_EPS = (2.0 ** -126, 1e30)
+
+
 class ReplayBuffer(Lanes):
     """A ring of ``capacity`` transitions from ``num_envs`` auto-resetting environments.
 
@@ -98,8 +104,10 @@ class ReplayBuffer(Lanes):
             priority_alpha`` (proportional prioritized replay) and return importance weights;
             priorities are set with :meth:`update_priorities`, and each new transition enters
             at the largest priority applied so far (1 before any update).
-        priority_eps: added to every priority (a float > 0), so that no transition becomes
-            unreachable.
+        priority_eps: added to every priority, so that no transition becomes unreachable: a
+            float from the smallest normal float32 (about 1.2e-38; smaller ones round to 0 or
+            to numbers a GPU may flush to 0) to 1e30 (beyond it ``priority + eps`` could
+            overflow float32).
         storage_dtypes: leaves stored in a narrower dtype, ``{leaf or subtree name: dtype}``
             (``{"obs": torch.bfloat16}``): the ring (and side table) hold that dtype, ``add``
             converts each row as it writes it, and samples return the dtype the leaf was added
@@ -164,7 +172,7 @@ class ReplayBuffer(Lanes):
             raise ValueError(f"backend: expected one of {ops.BACKENDS} or None, got {backend!r}")
         if priority_alpha is not None:
             priority_alpha = real(priority_alpha, "priority_alpha", 0.0, 1.0, open_low=True)
-        priority_eps = real(priority_eps, "priority_eps", 0.0, math.inf, open_low=True)
+        priority_eps = real(priority_eps, "priority_eps", *PRIORITY_EPS)
         self.storage_dtypes = check_storage_dtypes(storage_dtypes)
         if not isinstance(check_finite, bool):
             raise TypeError(f"check_finite: expected a bool, got {check_finite!r}")
@@ -1090,7 +1098,7 @@ class ReplayBuffer(Lanes):
           ``next``: {key: [B, *leaf_shape]} the successor of each ``next_keys`` leaf: the next
             row inside the episode, else the episode's final observation;
           ``next_valid`` [B] bool: False where that successor is unknown (an episode ended and
-            its final observation was not given or was dropped);
+            its final observation was not given or was dropped) and where ``valid`` is False;
           ``is_first``, ``is_last``, ``terminated``, ``truncated`` [B] bool;
           ``valid`` [B] bool: False for items whose proposals were all rejected (only possible
             with ``autoreset="next_step"``, or prioritized when nothing can be drawn);
@@ -1106,8 +1114,8 @@ class ReplayBuffer(Lanes):
         rows, and the sample also has ``return`` [B] float32 (sum of gamma^i * reward[t + i],
         i < k, from the ``reward_key`` leaf, which stays one-step under its own name),
         ``n_steps`` [B] int64 (k), ``discount`` [B] float32 (gamma^k, 0 where the episode
-        terminated within the k rows) and ``target_valid`` [B] bool (``next_valid |
-        terminated``); ``next``, ``next_valid``, ``terminated`` and ``truncated`` then describe
+        terminated within the k rows) and ``target_valid`` [B] bool (``(next_valid |
+        terminated) & valid``); ``next``, ``next_valid``, ``terminated`` and ``truncated`` then describe
         the segment's last row, so ``target = return + discount * V(next)`` wherever
         ``target_valid``.
         """
@@ -1156,7 +1164,9 @@ class ReplayBuffer(Lanes):
         nxt = dict(zip(self._next_leaves, values[len(self._flat):]))
         out = unflatten(out)
         out["next"] = unflatten(nxt)
-        out["next_valid"] = links["next_valid"]
+        # An item whose proposals were all rejected has no successor and no target.
+        next_valid = links["next_valid"] if valid is None else links["next_valid"] & valid
+        out["next_valid"] = next_valid
         out["is_first"] = is_first
         out["is_last"] = is_last
         out["terminated"] = links["terminated"]
@@ -1169,7 +1179,8 @@ class ReplayBuffer(Lanes):
             out["return"] = links["return"]
             out["n_steps"] = links["n_steps"]
             out["discount"] = links["discount"]
-            out["target_valid"] = links["next_valid"] | links["terminated"]
+            target_valid = next_valid | links["terminated"]
+            out["target_valid"] = target_valid if valid is None else target_valid & valid
         return out, links["succ"]
 
     def sample_sequences(self, batch_size: int, length: int, *,
@@ -1236,8 +1247,9 @@ class ReplayBuffer(Lanes):
             array of as many elements, on any device (copied to the buffer's), detached.
         An id whose transition has been overwritten since it was sampled (the ring wrapped past
         it), or that names no drawable transition (the newest row, a reset row), changes
-        nothing; so does a negative or non-finite priority, unless ``check=True``, which raises a
-        ValueError for it (reading the values: a host sync). Of repeated ids in one call the
+        nothing; so does a negative or non-finite priority (one beyond float32's range is
+        infinite once stored as float32), unless ``check=True``, which raises a ValueError for
+        it (reading the values: a host sync). Of repeated ids in one call the
         last one applies. The largest ``priority + priority_eps`` applied so far is what new
         transitions enter with.
         """
@@ -1259,13 +1271,14 @@ class ReplayBuffer(Lanes):
         if index.numel() > MAX_BATCH:
             raise ValueError(f"index: expected at most {MAX_BATCH} ids, got {index.numel()}")
         index = index.detach().reshape(-1).to(device=device, dtype=torch.int64).contiguous()
-        priority = priority.detach().reshape(-1).to(device=device, dtype=torch.float32).contiguous()
-        if check:
-            bad = ~(torch.isfinite(priority) & (priority >= 0))
+        if check:  # the values as given, before float32 rounds any beyond its range to inf
+            given = priority.detach().reshape(-1).to(device=device, dtype=torch.float64)
+            bad = ~(torch.isfinite(given) & (given >= 0) & (given <= torch.finfo(torch.float32).max))
             if bool(bad.any()):
                 first = int(bad.to(torch.uint8).argmax())
-                raise ValueError(f"priority: expected finite values >= 0, got {priority[first].item()} "
-                                 f"at position {first}")
+                raise ValueError(f"priority: expected finite values >= 0 that float32 holds (at most "
+                                 f"{torch.finfo(torch.float32).max:.8g}), got {given[first].item()} at position {first}")
+        priority = priority.detach().reshape(-1).to(device=device, dtype=torch.float32).contiguous()
         if index.numel() == 0:
             return
         with torch.no_grad():

@@ -345,6 +345,22 @@ def test_stale_updates_are_ignored_after_the_ring_wraps(backend):
     assert torch.allclose(got, torch.full_like(got, (100.0 + 1e-6) ** 0.6))
 
 
+def test_batches_of_changing_sizes_keep_memory_bounded():
+    """Updating only some items of each sample gives a new size almost every call: the tree keeps
+    a bounded number of index ranges, and what it returns is still right."""
+    from gpubuffers.reference.priority import ARANGES
+
+    g = torch.Generator().manual_seed(0)
+    buf = ReplayBuffer(40 * 4, 4, seed=0, priority_alpha=1.0, backend="torch")
+    for t in range(30):
+        buf.add(step(4, t, g), torch.zeros(4, dtype=torch.bool))
+    for k in range(1, 120):
+        s = buf.sample(k)
+        buf.update_priorities(s["index"], torch.full((k,), float(k)))
+        assert torch.equal(buf._tree.arange(k), torch.arange(k))
+    assert len(buf._tree.__dict__["_aranges"]) <= ARANGES
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_repeated_ids_last_one_wins_and_zero_stays_drawable(backend):
     buf = ReplayBuffer(40, 4, seed=1, backend=backend, priority_alpha=1.0, priority_eps=0.01,
@@ -387,8 +403,13 @@ def test_update_priorities_accepts_numpy_grad_and_other_devices_and_rejects_bad_
         buf.update_priorities("0", torch.ones(1))
     bad = torch.ones(8)
     bad[3] = float("nan")
-    with pytest.raises(ValueError, match="priority: expected finite values >= 0, got nan at position 3"):
+    with pytest.raises(ValueError, match="priority: expected finite values >= 0 that float32 holds "
+                                         r"\(at most 3.4028235e\+38\), got nan at position 3"):
         buf.update_priorities(s["index"], bad, check=True)
+    huge = torch.ones(8, dtype=torch.float64)
+    huge[5] = 1e39  # finite as given, infinite in float32
+    with pytest.raises(ValueError, match=r"got 1e\+39 at position 5"):
+        buf.update_priorities(s["index"], huge, check=True)
     for a, b in zip(tree, (buf._tree.leaf, buf._tree.sums, buf._tree.mins, buf._tree.maxp)):
         assert torch.equal(a, b)  # rejected calls changed nothing
     buf.update_priorities(s["index"], bad)  # without check, the NaN entry is ignored
@@ -405,8 +426,11 @@ def test_update_priorities_accepts_numpy_grad_and_other_devices_and_rejects_bad_
     for alpha, err in ((0.0, ValueError), (1.2, ValueError), ("0.5", TypeError), (True, TypeError)):
         with pytest.raises(err, match="priority_alpha"):
             ReplayBuffer(40, 4, priority_alpha=alpha)
-    with pytest.raises(ValueError, match="priority_eps"):
-        ReplayBuffer(40, 4, priority_alpha=0.5, priority_eps=0.0)
+    for eps in (0.0, 1e-50, 1e-39, 2e30, math.inf, math.nan):
+        with pytest.raises(ValueError, match=r"priority_eps: expected a float in \[1.1754943508222875e-38, 1e\+30\]"):
+            ReplayBuffer(40, 4, priority_alpha=0.5, priority_eps=eps)
+    for eps in (2.0 ** -126, 1e30):
+        ReplayBuffer(40, 4, priority_alpha=0.5, priority_eps=eps)
 
 
 @pytest.mark.parametrize("autoreset", ["same_step", "next_step"])

@@ -141,6 +141,23 @@ def test_dropped_final_obs_leaves_only_terminations_targetable():
     assert torch.equal(s["target_valid"], ~s["truncated"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_item_that_is_not_valid_has_no_successor_and_no_target(backend):
+    """Under next_step with one proposal per item, items that drew a reset row come back
+    invalid; neither their successor nor a TD target may be marked usable."""
+    buf = ReplayBuffer(40, 2, done_marks="last", autoreset="next_step", max_proposals=1, seed=0, backend=backend)
+    for t in range(12):
+        buf.add({"obs": torch.full((2, 1), float(t)), "reward": torch.ones(2)},
+                terminated=torch.tensor([True, t % 2 == 0]))
+    for kw in ({}, {"n_step": 3, "gamma": 0.9}):
+        s = buf.sample(200, **kw)
+        assert int((~s["valid"]).sum()) >= 20
+        assert not s["next_valid"][~s["valid"]].any()
+        if kw:
+            assert not s["target_valid"][~s["valid"]].any()
+            assert torch.equal(s["target_valid"], (s["next_valid"] | s["terminated"]) & s["valid"])
+
+
 @pytest.mark.parametrize("marks,autoreset", MODES)
 def test_nstep_never_syncs(marks, autoreset):
     buf = ReplayBuffer(60, 5, done_marks=marks, autoreset=autoreset, seed=0)

@@ -49,6 +49,11 @@ _INF_BITS = 0x7F800000
 FANOUT = 32
 
 
+#: Sizes of ``torch.arange`` a tree keeps (batch sizes, lane counts): a loop whose batch size
+#: changes every call (updating only some items of each sample) must not grow memory without end.
+ARANGES = 32
+
+
 @dataclass
 class PriorityTree:
     """Sum tree of ``(priority + eps) ** alpha`` over ``capacity`` slots (see the module doc).
@@ -100,12 +105,15 @@ class PriorityTree:
         )
 
     def arange(self, n: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
-        """``torch.arange(n)`` on the tree's device, kept for the sizes the calls reuse (read it,
-        do not write)."""
+        """``torch.arange(n)`` on the tree's device, kept for the first ``ARANGES`` sizes the
+        calls ask for (read it, do not write). Later sizes get a fresh one each call: a kept
+        tensor is never dropped, since a CUDA graph captured earlier may read it."""
         cache = self.__dict__.setdefault("_aranges", {})
         out = cache.get((n, dtype))
         if out is None:
-            out = cache[(n, dtype)] = torch.arange(n, dtype=dtype, device=self.leaf.device)
+            out = torch.arange(n, dtype=dtype, device=self.leaf.device)
+            if len(cache) < ARANGES:
+                cache[(n, dtype)] = out
         return out
 
     @property
