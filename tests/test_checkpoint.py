@@ -51,7 +51,7 @@ def drive(buf, start, stop, seed):
 CASES = [("torch", prio, m, a, at) for prio in (None, 0.6) for m, a in (("first", "same_step"), ("last", "next_step"))
          for at in (7, 30)]
 if "triton" in BACKENDS:
-    CASES += [("triton", None, "first", "same_step", 30), interpreted_slow("triton", 0.6, "last", "next_step", 7)]
+    CASES += [("triton", None, "first", "same_step", 7), interpreted_slow("triton", 0.6, "last", "next_step", 30)]
 
 
 @pytest.mark.parametrize("backend,prio,marks,autoreset,saved_at", CASES)
