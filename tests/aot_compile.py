@@ -10,6 +10,7 @@ with the ptxas that ships with triton. Prints one line per variant: ``OK name`` 
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import os
 import sys
 
@@ -147,24 +148,39 @@ KERNELS += [
 ]
 
 
+def jobs(archs: list[int]) -> list[tuple[int, int, int]]:
+    """(target, kernel, variant) positions of every compilation for ``archs``."""
+    return [(t, k, v) for t, target in enumerate(TARGETS) if target.arch in archs
+            for k, kernel in enumerate(KERNELS) for v, _ in enumerate(variants(*kernel[2:]))]
+
+
+def compile_one(job: tuple[int, int, int]) -> tuple[bool, str]:
+    """Compile one variant to cubin: (ok, its report line)."""
+    t, k, v = job
+    target, (name, fn, pointers, ints, flags, fixed) = TARGETS[t], KERNELS[k]
+    label, sig, consts = list(variants(pointers, ints, flags, fixed))[v]
+    sig = {a: sig[a] for a in fn.arg_names}  # the kernel's own argument order
+    try:
+        triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
+        return True, f"OK {name} sm_{target.arch} {label}"
+    except Exception as e:  # report every failure, not only the first
+        return False, f"FAIL {name} sm_{target.arch} {label}: {type(e).__name__}: {str(e)[:400]}"
+
+
 def main() -> int:
     """Compile every kernel variant for the architectures given as arguments (``90 80``; default
-    both)."""
+    both), on every core (each compilation is independent)."""
     archs = [int(a) for a in sys.argv[1:]] or [t.arch for t in TARGETS]
-    failed = 0
-    for target in (t for t in TARGETS if t.arch in archs):
-        for name, fn, pointers, ints, flags, fixed in KERNELS:
-            for label, sig, consts in variants(pointers, ints, flags, fixed):
-                # Keep the kernel's own argument order.
-                order = list(fn.arg_names)
-                sig = {k: sig[k] for k in order}
-                try:
-                    triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target)
-                    print(f"OK {name} sm_{target.arch} {label}")
-                except Exception as e:  # report every failure, not only the first
-                    failed += 1
-                    print(f"FAIL {name} sm_{target.arch} {label}: {type(e).__name__}: {str(e)[:400]}")
-    return 1 if failed else 0
+    todo = jobs(archs)
+    workers = min(len(todo), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            results = pool.map(compile_one, todo, chunksize=1)
+    else:
+        results = [compile_one(job) for job in todo]
+    for _, line in results:
+        print(line)
+    return 0 if all(ok for ok, _ in results) else 1
 
 
 if __name__ == "__main__":
