@@ -79,8 +79,10 @@ def _add_step_kernel(
         else:
             ended = done & (first == 0)
             starts = done | first
-        # A restart leaves the previous row alone.
-        tl.store(end_flags_ptr + there, tl.where(ended, flags, 0).to(tl.uint8), mask=mask & (first == 0))
+        # A restart leaves the previous row alone. (`!= 0`: Triton 3.9's interpreter types a
+        # block mask combined with a scalar condition as int32, and refuses it as a mask.)
+        keep = (mask & (first == 0)) != 0
+        tl.store(end_flags_ptr + there, tl.where(ended, flags, 0).to(tl.uint8), mask=keep)
     start = tl.where(starts, adds, prev_start)
     ret = tl.where(starts, reward, prev_ret + reward)
     start = tl.where(is_reset, SENTINEL_, start)

@@ -113,7 +113,7 @@ def _gae_kernel(
     for i in range(rows):  # backward over the rollout: the one sequential dependency
         t = rows - 1 - i
         at = t.to(tl.int64) * lanes + lane
-        body = mask & (t < rows - 1)
+        body = (mask & (t < rows - 1)) != 0  # a bool block mask (kernels/episode_index.py)
         flags = tl.where(t == rows - 1, tail_flags,
                          tl.load(flags_ptr + at, mask=body, other=0).to(tl.int32))
         final = tl.where(t == rows - 1, tail_final, tl.load(final_ptr + at, mask=body, other=0))
