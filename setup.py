@@ -18,7 +18,8 @@ setup(
     ],
     extras_require={
         # tqdm and matplotlib: the examples' smoke tests require their progress bars and PNG curves.
-        "test": ["pytest", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict",
+        # pytest-xdist: the test command runs the suite on two worker processes.
+        "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict",
                  "mujoco", "imageio", "safetensors", "minari>=0.5", "pyarrow", "tqdm", "matplotlib"],
         # ReplayBuffer.save / ReplayBuffer.load write and read safetensors files.
         "checkpoint": ["safetensors"],
