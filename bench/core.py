@@ -269,11 +269,16 @@ def torchrl_prioritized(buf: ReplayBuffer, device: torch.device):
     return rb
 
 
+def speed_words(ratio: float) -> str:
+    """A time ratio (theirs / ours) in words: ``1.25x faster``, ``0.88x (slower)``."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{ratio:.2f}x (slower)"
+
+
 def w4_lines(rows: list[Row]) -> list[str]:
     """gpubuffers against TorchRL at each capacity, and its own growth over capacity."""
     ours = {r.workload: r.timing.median_s for r in rows if r.workload.startswith("W4") and r.provider == "gpubuffers"}
     theirs = {r.workload: r.timing.median_s for r in rows if r.workload.startswith("W4") and r.provider == W4_TORCHRL}
-    lines = [f"- {w}: {theirs[w] / t:.2f}x faster than TorchRL" for w, t in ours.items() if w in theirs]
+    lines = [f"- {w}: {speed_words(theirs[w] / t)} than TorchRL" for w, t in ours.items() if w in theirs]
     if len(ours) > 1:
         (w0, t0), (w1, t1) = list(ours.items())[0], list(ours.items())[-1]
         lines.append(f"- gpubuffers from {w0.rsplit(' ', 1)[-1]} to {w1.rsplit(' ', 1)[-1]}: {t1 / t0:.2f}x the time")
