@@ -184,7 +184,7 @@ def smallest_positive(kids: torch.Tensor) -> torch.Tensor:
     not NaN), ``inf`` where none. Non-negative floats order as their int32 bits, so the minimum
     is taken over ``bits - 1`` with 0 (no mass) moved to the top of the positive ints."""
     top = (1 << 31) - 1
-    low = ((kids.view(torch.int32) - 1) & top).amin(1)
+    low = kids.view(torch.int32).sub(1).bitwise_and_(top).amin(1)
     return torch.where(low == top, _INF_BITS, low + 1).view(torch.float32)
 
 
@@ -299,7 +299,8 @@ def descend(tree: PriorityTree, x: torch.Tensor, flat: int | None = None) -> tor
     for l in range(flat - 1, -1, -1):
         below = tree.leaf[:-1] if l == 0 else tree.level(l)[0]
         c = below.view(-1, f).index_select(0, node)
-        cum = c.cumsum(1, dtype=torch.float64)
+        # Leaves are float32: cast, then sum in place (one float64 tile, not a cast and a sum).
+        cum = c.double().cumsum_(1) if l == 0 else c.cumsum(1)
         first = torch.searchsorted(cum, _below(x, cum[:, -1])[:, None], right=True)
         first = torch.minimum(first, torch.searchsorted(cum, cum[:, -1:].contiguous()))
         x = x - (cum.gather(1, first).squeeze(1) - c.gather(1, first).squeeze(1))

@@ -18,24 +18,23 @@ from .sampling import take, transition_links
 _TABLES: dict = {}
 
 
-def segment_tables(gamma: float, n_step: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(step, powers, cut) for n-step segments: ``step`` [n] int64 ``0 .. n - 1``; ``powers``
-    [n + 1] float32 gamma^0 .. gamma^n, running float64 products (as the kernel forms them)
-    rounded to float32, built on the device (no host-to-device copy); ``cut`` [n + 1, n] bool,
-    row k marking the steps a segment of k rows leaves out (``i >= k``). Kept for reuse on the
-    CPU."""
-    key = (gamma, n_step) if device.type == "cpu" else None
+def segment_tables(gamma: float, n_step: int, lanes: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(offsets, powers, step) for n-step segments: ``offsets`` [n, 1] int64 ``i * lanes`` (slot
+    offset of row t + i); ``powers`` [n + 1] float32 gamma^0 .. gamma^n, running float64
+    products (as the kernel forms them) rounded to float32, built on the device (no
+    host-to-device copy); ``step`` [n, 1] int64 ``0 .. n - 1``. Kept for reuse on the CPU."""
+    key = (gamma, n_step, lanes) if device.type == "cpu" else None
     if key in _TABLES:
         return _TABLES[key]
     f64 = dict(dtype=torch.float64, device=device)
-    step = torch.arange(n_step, device=device)
+    step = torch.arange(n_step, device=device)[:, None]
     powers = torch.cat([torch.ones(1, **f64), torch.full((n_step,), gamma, **f64).cumprod(0)]).float()
-    cut = step >= torch.arange(n_step + 1, device=device)[:, None]
+    out = step * lanes, powers, step
     if key is not None:
         if len(_TABLES) > 64:
             _TABLES.clear()
-        _TABLES[key] = step, powers, cut
-    return step, powers, cut
+        _TABLES[key] = out
+    return out
 
 
 def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch.Tensor, n_step: int,
@@ -49,29 +48,35 @@ def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch
     (:func:`transition_links` without ``is_first``: ``succ``, ``is_last``, ``terminated``,
     ``truncated``, ``next_valid``), and ``first_is_last`` (row t ends its episode). Powers of gamma:
     :func:`segment_tables`.
+
+    The rows t + i of all items are read as an [n, B] block, row i holding step i of every
+    item: each step is then a contiguous [B] vector (cheaper on the CPU than [B, n] columns).
     """
     rows, lanes = ix.start.shape
     total = rows * lanes
-    step, powers, cut = segment_tables(gamma, n_step, slot.device)
-    here = (slot[:, None] + step * lanes) % total                 # [B, n] slots of rows t + i
-    flags = take(ix.end_flags, here)
+    batch = slot.shape[0]
+    offsets, powers, step = segment_tables(gamma, n_step, lanes, slot.device)
+    here = (slot + offsets).remainder_(total)                     # [n, B] slots of rows t + i
+    flat = here.view(-1)
+    flags = ix.end_flags.view(-1).index_select(0, flat).view(n_step, batch)
     # Row t + i is in the segment when its successor is written and no earlier row ended: the
     # segment stops after its first end, and before the newest row.
     ended = flags != 0
     k = torch.full_like(slot, n_step)
     for i in range(n_step - 2, -1, -1):  # the earliest end written last
-        k.masked_fill_(ended[:, i], i + 1)
+        k.masked_fill_(ended[i], i + 1)
     k = torch.minimum(k, ix.state[STATE_ADDS] - 1 - row).clamp_min_(0)
-    terms = (take(reward, here).float() * powers[:n_step]).masked_fill_(cut.index_select(0, k), 0.0)
-    ret = terms[:, 0]
+    terms = reward.index_select(0, flat).view(n_step, batch).float() * powers[:n_step, None]
+    terms.masked_fill_(step >= k, 0.0)
+    ret = terms[0]
     for i in range(1, n_step):  # left to right, as the kernel sums
-        ret = ret + terms[:, i]
-    # Row t + k - 1 of each segment, picked from the flat [B * n] reads.
-    at = torch.arange(0, here.numel(), n_step, device=slot.device).add_((k - 1).clamp_min_(0))
-    last = here.view(-1).index_select(0, at)
-    out = transition_links(ix, last, None, final_rows, next_step, flags=flags.view(-1).index_select(0, at),
+        ret = ret + terms[i]
+    # Row t + k - 1 of each segment, picked from the [n, B] reads.
+    at = (k - 1).clamp_min_(0)[None]
+    last = here.gather(0, at).view(batch)
+    out = transition_links(ix, last, None, final_rows, next_step, flags=flags.gather(0, at).view(batch),
                            first=False)
-    out.update({"n_steps": k, "return": ret, "last": last, "first_is_last": ended[:, 0].contiguous(),
+    out.update({"n_steps": k, "return": ret, "last": last, "first_is_last": ended[0],
                 "discount": powers.index_select(0, k).masked_fill_(out["terminated"], 0.0)})
     return out
 
