@@ -12,7 +12,7 @@ import torch
 
 from ..layout import HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED
 from .episode_index import EpisodeIndex
-from .sampling import take, transition_links
+from .sampling import transition_links
 
 
 _TABLES: dict = {}
