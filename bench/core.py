@@ -269,9 +269,9 @@ def torchrl_prioritized(buf: ReplayBuffer, device: torch.device):
     return rb
 
 
-def speed_words(ratio: float) -> str:
+def speed_words(ratio: float, digits: int = 2) -> str:
     """A time ratio (theirs / ours) in words: ``1.25x faster``, ``0.88x (slower)``."""
-    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{ratio:.2f}x (slower)"
+    return f"{ratio:.{digits}f}x faster" if ratio >= 1 else f"{ratio:.{digits}f}x (slower)"
 
 
 def w4_lines(rows: list[Row]) -> list[str]:
@@ -361,7 +361,7 @@ def ratio_table(rows: list[Row], device_name: str) -> str:
     torchrl = {r.workload: r.timing.median_s for r in rows if r.provider.startswith("torchrl")}
     for r in rows:
         ratio = baseline_ratio(r, rows)
-        vs_rl = f"{torchrl[r.workload] / r.timing.median_s:.1f}x faster" if r.workload in torchrl \
+        vs_rl = speed_words(torchrl[r.workload] / r.timing.median_s, 1) if r.workload in torchrl \
             and not r.provider.startswith("torchrl") else ""
         lines.append(f"| {r.workload} | {r.provider} | {1e3 * r.timing.median_s:.3f} | "
                      f"{1e3 * r.timing.min_s:.3f}-{1e3 * r.timing.max_s:.3f} | {r.per_s / 1e6:.2f} | "
