@@ -107,6 +107,7 @@ def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, results
         out = train(args)
         if rank == 0:
             results.put(out)
+        dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         return results.get(timeout=10)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
-        return train(args)
+        out = train(args)
+        dist.barrier()
+        return out
     finally:
         dist.destroy_process_group()
 

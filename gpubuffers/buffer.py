@@ -1150,18 +1150,24 @@ class ReplayBuffer(Lanes):
         slot, valid, index = links["slot"], links["valid"], links["index"]
         is_first, is_last = links["is_first"], links.get("is_last")
         weight = links.get("weight")
+        read: dict[str, torch.Tensor] = {}
         if gamma is not None:
             links = self._ops.nstep(self._ix, slot, links["row"], self._flat[self.reward_key].view(-1),
                                     n_step, float(gamma), final_rows, self._next_step)
             if is_last is None:  # the reference read the first rows' end flags with the segments
                 is_last = links["first_is_last"]
+            if "first_reward" in links:  # and their rewards (the reward leaf is never narrowed)
+                spec = self._specs[self.reward_key]
+                read[self.reward_key] = links["first_reward"].view(slot.shape[0], *spec.shape).to(spec.dtype)
         # One gather for the leaves and the next leaves (successor row, or side table at an end).
         specs = self._specs
-        entries = ([(t, 0, specs[p].dtype) for p, t in self._flat.items()]
+        leaves = [p for p in self._flat if p not in read]
+        entries = ([(self._flat[p], 0, specs[p].dtype) for p in leaves]
                    + [(self._next_src[p], 1, specs[p].dtype) for p in self._next_leaves])
         values = self._ops.gather(entries, (slot, links["succ"]))
-        out: dict[str, Any] = dict(zip(self._flat, values))
-        nxt = dict(zip(self._next_leaves, values[len(self._flat):]))
+        got = dict(zip(leaves, values))
+        out: dict[str, Any] = {p: read[p] if p in read else got[p] for p in self._flat}
+        nxt = dict(zip(self._next_leaves, values[len(leaves):]))
         out = unflatten(out)
         out["next"] = unflatten(nxt)
         # An item whose proposals were all rejected has no successor and no target.

@@ -110,6 +110,36 @@ def test_nstep_sample_draws_and_describes_the_first_rows_as_a_plain_sample(marks
         assert all(v.is_contiguous() for v in seg.values() if isinstance(v, torch.Tensor))
 
 
+@pytest.mark.parametrize("shape,dtype", [((), torch.float16), ((1,), torch.float32), ((), torch.int32),
+                                         ((1,), torch.float64)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nstep_sample_returns_the_reward_leaf_as_a_plain_sample_does(shape, dtype, backend):
+    # The CPU path hands back the first rows' rewards from the segments' reads instead of
+    # gathering them again: same values, dtype and shape as the plain sample's leaf.
+    twins = [ReplayBuffer(40, 4, seed=5, backend=backend) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    for t in range(30):
+        step = {"obs": torch.randn(4, 2, generator=g), "reward": (torch.randn(4, *shape, generator=g) * 5).to(dtype)}
+        term = torch.rand(4, generator=g) < 0.2
+        for buf in twins:
+            buf.add(step, terminated=term)
+        if t >= 1:
+            plain, seg = twins[0].sample(64), twins[1].sample(64, n_step=3, gamma=0.9)
+            assert list(plain) == list(seg)[:len(plain)]
+            for key in ("reward", "obs", "index"):
+                assert seg[key].dtype == plain[key].dtype and torch.equal(seg[key], plain[key]), key
+            assert seg["reward"].shape == (64, *shape)
+
+
+def test_wrap_is_the_remainder_of_slots_below_twice_the_total():
+    from gpubuffers.reference.sampling import wrap
+
+    for total in (1, 2, 3, 4096, 255 * 4096 + 17, (1 << 40) + 3):
+        h = torch.cat([torch.arange(min(2 * total, 1 << 16)), torch.arange(total - 9, total + 9).clamp(0, 2 * total - 1),
+                       torch.randint(0, 2 * total, (4096,), generator=torch.Generator().manual_seed(total % 97))])
+        assert torch.equal(wrap(h, total), h % total), total
+
+
 def test_one_step_returns_are_the_reward():
     buf = ReplayBuffer(64, 4, done_marks="last", seed=0)
     g = torch.Generator().manual_seed(0)

@@ -273,9 +273,10 @@ def descend(tree: PriorityTree, x: torch.Tensor, flat: int | None = None) -> tor
     child whose running sum exceeds the mass left; where rounding leaves none, the child at which
     the running sum reaches its total (a child with mass whenever the node has mass).
 
-    Both cases are one search: for the mass clamped below the children's total (the largest
-    float64 under it), the first running sum above it is the first above the mass when there is
-    one, else the first equal to the total.
+    Both cases are two searches and a minimum, as the kernel counts them: the number of running
+    sums at or below the mass, capped by the number below the total (the children before the one
+    where the sum reaches it). Below the total the cap never binds; at or past it, and in an
+    empty node (total 0), the cap is the choice.
 
     flat: the level whose nodes are found in one search over its running sum instead of level
     by level from the root (the same nodes wherever the sums are exact; fewer, larger torch ops
@@ -289,10 +290,9 @@ def descend(tree: PriorityTree, x: torch.Tensor, flat: int | None = None) -> tor
     if flat < tree.depth:
         level = tree.level(flat)[0][:tree.sizes[flat]]
         cum = level.cumsum(0)
-        node = torch.searchsorted(cum, _below(x, cum[-1]), right=True)
         # An empty tree (total 0: nothing drawable yet) descends to the first child, as the
         # kernel does: the draw lands on a leaf of 0 and is returned invalid.
-        node = torch.minimum(node, torch.searchsorted(cum, cum[-1:]))  # count of sums below the total
+        node = torch.minimum(torch.searchsorted(cum, x, right=True), torch.searchsorted(cum, cum[-1:]))
         x = x - (cum.index_select(0, node) - level.index_select(0, node))
     else:
         node = torch.zeros_like(x, dtype=torch.int64)
@@ -301,16 +301,11 @@ def descend(tree: PriorityTree, x: torch.Tensor, flat: int | None = None) -> tor
         c = below.view(-1, f).index_select(0, node)
         # Leaves are float32: cast, then sum in place (one float64 tile, not a cast and a sum).
         cum = c.double().cumsum_(1) if l == 0 else c.cumsum(1)
-        first = torch.searchsorted(cum, _below(x, cum[:, -1])[:, None], right=True)
-        first = torch.minimum(first, torch.searchsorted(cum, cum[:, -1:].contiguous()))
+        first = torch.minimum(torch.searchsorted(cum, x[:, None], right=True),
+                              torch.searchsorted(cum, cum[:, -1:].contiguous()))
         x = x - (cum.gather(1, first).squeeze(1) - c.gather(1, first).squeeze(1))
         node = node * f + first.squeeze(1)
     return node.view(shape)
-
-
-def _below(x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """``x`` clamped to the largest float64 below ``total``."""
-    return torch.minimum(x, torch.nextafter(total, torch.zeros_like(total)))
 
 
 def weights(tree: PriorityTree, leaf: torch.Tensor, beta: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 
 from ..layout import HAS_FINAL, SENTINEL, STATE_ADDS, TRUNCATED
 from .episode_index import EpisodeIndex
-from .sampling import transition_links
+from .sampling import transition_links, wrap
 
 
 _TABLES: dict = {}
@@ -46,8 +46,9 @@ def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch
     reward[t + i], i < k), ``discount`` float32 (gamma^k, 0 where the segment ends in a
     termination), ``last`` (slot of row t + k - 1) and the links of that last row
     (:func:`transition_links` without ``is_first``: ``succ``, ``is_last``, ``terminated``,
-    ``truncated``, ``next_valid``), and ``first_is_last`` (row t ends its episode). Powers of gamma:
-    :func:`segment_tables`.
+    ``truncated``, ``next_valid``), ``first_is_last`` (row t ends its episode) and
+    ``first_reward`` (row t's reward as stored, which the sample returns without reading it
+    again). Powers of gamma: :func:`segment_tables`.
 
     The rows t + i of all items are read as an [n, B] block, row i holding step i of every
     item: each step is then a contiguous [B] vector (cheaper on the CPU than [B, n] columns).
@@ -56,7 +57,7 @@ def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch
     total = rows * lanes
     batch = slot.shape[0]
     offsets, powers, step = segment_tables(gamma, n_step, lanes, slot.device)
-    here = (slot + offsets).remainder_(total)                     # [n, B] slots of rows t + i
+    here = wrap(slot + offsets, total)                            # [n, B] slots of rows t + i
     flat = here.view(-1)
     flags = ix.end_flags.view(-1).index_select(0, flat).view(n_step, batch)
     # Row t + i is in the segment when its successor is written and no earlier row ended: the
@@ -66,7 +67,8 @@ def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch
     for i in range(n_step - 2, -1, -1):  # the earliest end written last
         k.masked_fill_(ended[i], i + 1)
     k = torch.minimum(k, ix.state[STATE_ADDS] - 1 - row).clamp_min_(0)
-    terms = reward.index_select(0, flat).view(n_step, batch).float() * powers[:n_step, None]
+    read = reward.index_select(0, flat).view(n_step, batch)
+    terms = read.float() * powers[:n_step, None]
     terms.masked_fill_(step >= k, 0.0)
     ret = terms[0]
     for i in range(1, n_step):  # left to right, as the kernel sums
@@ -76,7 +78,7 @@ def nstep(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor, reward: torch
     last = here.gather(0, at).view(batch)
     out = transition_links(ix, last, None, final_rows, next_step, flags=flags.gather(0, at).view(batch),
                            first=False)
-    out.update({"n_steps": k, "return": ret, "last": last, "first_is_last": ended[0],
+    out.update({"n_steps": k, "return": ret, "last": last, "first_is_last": ended[0], "first_reward": read[0],
                 "discount": powers.index_select(0, k).masked_fill_(out["terminated"], 0.0)})
     return out
 

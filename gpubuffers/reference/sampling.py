@@ -22,6 +22,18 @@ def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.view(-1).index_select(0, index.reshape(-1)).view(index.shape)
 
 
+#: Every bit of an int64 but the sign.
+_INT64_MAX = (1 << 63) - 1
+
+
+def wrap(slot: torch.Tensor, total: int) -> torch.Tensor:
+    """``slot % total`` for int64 ``slot`` in ``[0, 2 * total)``, without a division (an int64
+    remainder costs several times a subtraction on the CPU): ``slot - total`` where that is not
+    negative. A negative difference with its sign bit cleared exceeds every ``slot``, so the
+    minimum keeps ``slot`` there."""
+    return torch.minimum(slot, (slot - total).bitwise_and_(_INT64_MAX))
+
+
 def transition_ids(row: torch.Tensor, slot: torch.Tensor, lanes: int) -> torch.Tensor:
     """Transition ids ``absolute_row * N + lane`` (broadcasting ``row`` and ``slot``): unlike a
     slot, an id names one transition for the life of the buffer."""
@@ -83,7 +95,7 @@ def transition_links(ix: EpisodeIndex, slot: torch.Tensor, row: torch.Tensor | N
         flags = take(ix.end_flags, slot)
     is_last = flags != 0
     truncated = (flags & TRUNCATED) != 0
-    succ = (slot + lanes) % total
+    succ = wrap(slot + lanes, total)
     out = {"is_last": is_last, "terminated": is_last ^ truncated, "truncated": truncated}
     if first:
         out["is_first"] = take(ix.start, slot) == row
