@@ -1,8 +1,10 @@
-"""Memory figures: free memory of a device, and the largest capacity that fits a budget."""
+"""Memory figures: free memory of a device, and the largest capacity that fits a budget; host
+allocations on huge pages."""
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
 from typing import Any
 
@@ -42,6 +44,43 @@ def free_bytes(device: torch.device, shared: bool = False) -> int | None:
         except OSError:
             pass
     return free
+
+
+#: Host tensors of at least this many bytes get their own memory, advised onto transparent huge
+#: pages before their first write (NumPy advises its arrays from the same size): a sample reads
+#: rows at random across GBs of storage, and 2 MiB pages make each read far less likely to miss
+#: the TLB.
+HUGE_PAGE_MIN = 4 << 20
+
+
+def host_full(shape: tuple[int, ...], value: float | int, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.full`` on the CPU; a tensor of :data:`HUGE_PAGE_MIN` bytes or more lives in an
+    anonymous mapping of its own with ``madvise(MADV_HUGEPAGE)`` (Linux), so that its pages are
+    fresh when the advice is given (memory the allocator hands out again was faulted in on small
+    pages already). Where THP is off (``/sys/kernel/mm/transparent_hugepage/enabled`` is
+    ``never``), the kernel has no such advice or the mapping fails, it is plain ``torch.full``."""
+    numel = math.prod(shape)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if numel * dtype.itemsize < HUGE_PAGE_MIN or advice is None:
+        return torch.full(shape, value, dtype=dtype)
+    try:
+        # Private, as malloc's memory is: a forked process gets its own copy on write.
+        area = mmap.mmap(-1, numel * dtype.itemsize, flags=mmap.MAP_PRIVATE)
+    except OSError:
+        return torch.full(shape, value, dtype=dtype)
+    try:
+        area.madvise(advice)
+    except OSError:  # a kernel without THP: small pages
+        pass
+    # The tensor holds the mapping (a buffer export) for as long as its storage lives.
+    return torch.frombuffer(area, dtype=dtype, count=numel).view(shape).fill_(value)
+
+
+def full(shape: tuple[int, ...], value: float | int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.full``, through :func:`host_full` on the CPU."""
+    if device.type == "cpu":
+        return host_full(shape, value, dtype)
+    return torch.full(shape, value, dtype=dtype, device=device)
 
 
 def nbytes(tensors) -> int:

@@ -336,3 +336,69 @@ def test_checkpoint_keeps_storage_dtypes(tmp_path):
     other = ReplayBuffer(6 * N, N, next_keys=("x", "obs"), seed=4)
     with pytest.raises(ValueError, match="saved with storage_dtypes=.*'x': 'bfloat16'.* this buffer has storage_dtypes={}"):
         other.load_state_dict(buf.state_dict())
+
+
+def _thp_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        return None
+
+
+def huge_kb_over(t: torch.Tensor) -> int:
+    """kB of transparent huge pages (``AnonHugePages`` in /proc/self/smaps) in the mappings that
+    hold ``t``'s memory."""
+    lo, hi = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                a, b = (int(x, 16) for x in head.split("-"))
+                inside = a < hi and lo < b
+            elif inside and head == "AnonHugePages:":
+                total += int(line.split()[1])
+    return total
+
+
+def test_host_full_fills_like_torch_full_in_its_own_memory():
+    from gpubuffers import memory
+
+    big = memory.HUGE_PAGE_MIN
+    for shape, value, dtype in (((3,), 7, torch.int64), ((big // 8,), -1, torch.int64), ((5, 4), 0, torch.uint8),
+                                ((big // 4, 3), 0.5, torch.bfloat16), ((big,), True, torch.bool)):
+        t = memory.host_full(shape, value, dtype)
+        assert t.dtype == dtype and t.is_contiguous() and torch.equal(t, torch.full(shape, value, dtype=dtype))
+        t.fill_(0)  # writable, and held alive by the tensor alone
+        assert not t.any()
+    full = memory.full((4, 4), 3, torch.int64, torch.device("meta"))
+    assert full.device.type == "meta" and full.shape == (4, 4)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_host_full_memory_is_private_to_a_forked_process():
+    # A fork-started DataLoader worker writing to its copy must not change the parent's.
+    from gpubuffers import memory
+
+    t = memory.host_full((memory.HUGE_PAGE_MIN // 4,), 0, torch.float32)
+    pid = os.fork()
+    if pid == 0:  # numpy's write: no OpenMP pool in the child
+        t.numpy()[:] = 5
+        os._exit(0 if t.numpy()[-1] == 5 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and not t.any()
+
+
+@pytest.mark.skipif(_thp_mode() in (None, "never"), reason="needs Linux transparent huge pages on")
+def test_cpu_storage_index_and_priorities_sit_on_huge_pages():
+    # A ring of 2^20 slots: its storage, episode index and priority leaves are read at random
+    # slots, and each is large enough to be advised onto 2 MiB pages before its first write.
+    buf = ReplayBuffer(1 << 20, 4096, priority_alpha=0.6)
+    buf.add({"obs": torch.randn(4096, 16), "reward": torch.randn(4096)}, terminated=torch.zeros(4096, dtype=torch.bool))
+    for t in (buf.storage["obs"], buf._ix.start, buf._tree.leaf):
+        assert huge_kb_over(t) >= 2048, t.shape
+    # Shared storage is allocated by share_memory_, apart from this path, and still works.
+    shared = ReplayBuffer(1 << 16, 64, storage="shared", reward_key=None)
+    shared.add({"obs": torch.ones(64, 4)}, terminated=torch.zeros(64, dtype=torch.bool))
+    assert shared.storage["obs"].is_shared() and shared.storage["obs"][0].eq(1).all()

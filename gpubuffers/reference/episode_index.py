@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import ENDED, HAS_FINAL, SENTINEL, STATE_ADDS, STATE_RESTART, STATE_SIZE, TRUNCATED, ring_rows
+from ..memory import full
 
 
 @dataclass
@@ -49,11 +50,11 @@ class EpisodeIndex:
     @classmethod
     def empty(cls, rows: int, lanes: int, device: torch.device) -> "EpisodeIndex":
         i64 = dict(dtype=torch.int64, device=device)
-        return cls(
-            start=torch.full((rows, lanes), SENTINEL, **i64),
-            end_flags=torch.zeros((rows, lanes), dtype=torch.uint8, device=device),
-            ret=torch.zeros((rows, lanes), dtype=torch.float32, device=device),
-            final_idx=torch.zeros((rows, lanes), dtype=torch.int32, device=device),
+        return cls(  # the [T, N] tables are read at random slots: huge pages on the host
+            start=full((rows, lanes), SENTINEL, torch.int64, device),
+            end_flags=full((rows, lanes), 0, torch.uint8, device),
+            ret=full((rows, lanes), 0, torch.float32, device),
+            final_idx=full((rows, lanes), 0, torch.int32, device),
             fin_head=torch.zeros(lanes, **i64),
             state=torch.zeros(STATE_SIZE, **i64),
             zeros=(torch.zeros((), dtype=torch.uint8, device=device),

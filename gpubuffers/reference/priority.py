@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..layout import SENTINEL, absolute_row
+from ..memory import full
 from .episode_index import EpisodeIndex, rows_of
 from .sampling import live_span, row_marks, take, transition_ids, transition_links, window_slots
 
@@ -95,7 +96,7 @@ class PriorityTree:
             used = 1
         padded = -(-capacity // fanout) * fanout
         return cls(
-            leaf=torch.zeros(padded + 1, dtype=torch.float32, device=device),
+            leaf=full((padded + 1,), 0, torch.float32, device),  # read at random slots: huge pages on the host
             sums=torch.zeros(used, dtype=torch.float64, device=device),
             mins=torch.full((used,), math.inf, dtype=torch.float32, device=device),
             maxp=torch.ones(1, dtype=torch.float32, device=device),
