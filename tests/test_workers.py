@@ -297,3 +297,28 @@ def test_shared_allocation_is_checked_against_the_space_in_dev_shm(monkeypatch):
     with pytest.raises(ValueError, match="40,960 bytes are free"):
         add(buf, 0)
     assert buf.index is None and buf.num_adds == 0
+
+
+def test_shared_buffer_with_index_tables_on_their_own_mappings_reaches_workers():
+    # Index tables of 4 MiB or more are allocated in mappings of their own (memory.host_full)
+    # before share_memory_ moves them: a worker must still read the live tables.
+    from gpubuffers import memory
+
+    lanes = 64
+    buf = ReplayBuffer(memory.HUGE_PAGE_MIN // 8, lanes, storage="shared", done_marks="last",
+                       reward_key=None)
+
+    def add(i):
+        buf.add({"obs": torch.full((lanes, 2), float(i))}, torch.zeros(lanes, dtype=torch.bool))
+
+    for i in range(10):
+        add(i)
+    assert buf.index.start.numel() * 8 >= memory.HUGE_PAGE_MIN and buf.index.start.is_shared()
+    newest = 0
+    loader = DataLoader(BufferDataset(buf, 256, kind="transitions"), batch_size=None, num_workers=1)
+    for j, out in enumerate(loader):
+        add(buf.num_adds)
+        newest = max(newest, int(out["obs"][:, 0].max()))
+        if newest >= 30 or j > 300:
+            break
+    assert newest >= 30  # rows added after the worker started reach its samples
