@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
+import tempfile
 import time
 
 import torch
@@ -101,26 +101,33 @@ def train(args: argparse.Namespace) -> dict:
     return {"rows": rows, "rank_adds": buf.local.num_adds}
 
 
-def _spawned(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+def _spawned(rank: int, world: int, store: str, args: argparse.Namespace, results) -> None:
+    # A file store: no TCP port to pick and no store server that one rank takes down with it
+    # while another is still leaving.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         out = train(args)
         if rank == 0:
             results.put(out)
+            results.close()
+            results.join_thread()  # the result is in the pipe before this process leaves
         dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown, where threads that torch.distributed started
+    # can abort a process that has finished cleanly (SIGABRT, "terminate called without an
+    # active exception"); everything this process owes is delivered above.
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse(argv)
     if args.procs:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
-        mp.spawn(_spawned, args=(args.procs, port, args, results), nprocs=args.procs, join=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_spawned, args=(args.procs, os.path.join(tmp, "store"), args, results), nprocs=args.procs,
+                     join=True)
         return results.get(timeout=10)
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
