@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import math
 import os
 import shutil
@@ -1012,12 +1011,12 @@ class ReplayBuffer(Lanes):
                 raise
             return attrs
         try:
-            # Host storage that stays private to this process goes on huge pages (see
-            # memory.HUGE_PAGE_MIN); shared memory is allocated apart, by share_memory_ below.
-            zeros = (functools.partial(memory.host_full, value=0)
-                     if device.type == "cpu" and self.storage_kind == "memory" else
-                     functools.partial(torch.zeros, device=device))
-            whole = {p: zeros((sizes[p] * lanes, *s.shape), dtype=stored[p]) for p, s in specs.items()}
+            # Storage private to this process goes on huge pages on the host (memory.full); shared
+            # memory is allocated apart, by share_memory_ below.
+            private = self.storage_kind == "memory"
+            whole = {p: memory.full((sizes[p] * lanes, *s.shape), 0, stored[p], device) if private
+                     else torch.zeros((sizes[p] * lanes, *s.shape), dtype=stored[p], device=device)
+                     for p, s in specs.items()}
             ix = EpisodeIndex.empty(rows, lanes, device)
             row_stats = torch.zeros(rows, 3, dtype=torch.float64, device=device)
             stat_totals = torch.zeros(3, dtype=torch.float64, device=device)

@@ -35,7 +35,7 @@ import torch
 from ..layout import SENTINEL, absolute_row
 from ..memory import full
 from .episode_index import EpisodeIndex, rows_of
-from .sampling import live_span, row_marks, take, transition_ids, transition_links, window_slots
+from .sampling import live_span, row_marks, take, transition_ids, transition_links, window_slots, wrap
 
 #: Smallest int32: marks below any leaf's bits elect the last of repeated updates.
 _CLAIM = -2**31
@@ -351,7 +351,7 @@ def prioritized_windows(ix: EpisodeIndex, tree: PriorityTree, u: torch.Tensor, l
     first = descend(tree, u * tree.total)  # [B, M]
     live, oldest = live_span(ix)
     row = absolute_row(first.div(lanes, rounding_mode="floor"), oldest, rows)
-    end = (first + (length - 1) * lanes) % total
+    end = wrap(first + (length - 1) * lanes, total)
     ok = (take(tree.leaf, first) > 0) & (row + length - 1 < oldest + live) & (take(ix.start, end) <= row)
     j = ok.to(torch.uint8).argmax(1, keepdim=True)
     first, row, end = (t.gather(1, j).squeeze(1) for t in (first, row, end))

@@ -220,7 +220,7 @@ def pack_episodes(ix: EpisodeIndex, end_slot: torch.Tensor, valid: torch.Tensor,
     b = torch.searchsorted(cu[1:], r, right=True).clamp_max_(end_slot.shape[0] - 1)
     mask = r < cu[-1]
     offset = (r - cu[b]) * mask
-    slot = (first_slot[b] + offset * lanes) % total
+    slot = wrap(first_slot[b] + offset * lanes, total)  # offsets stay below an episode's length
     return {"lane": end_slot % lanes, "length": length, "valid": valid, "cu_seqlens": cu,
             "slot": slot, "mask": mask, "is_first": mask & (offset == 0),
             "is_last": mask & (offset == length[b] - 1)}
