@@ -19,8 +19,10 @@ setup(
     extras_require={
         # tqdm and matplotlib: the examples' smoke tests require their progress bars and PNG curves.
         # pytest-xdist: the test command runs the suite on two worker processes.
+        # torchrl: n-step returns and prioritized draws are checked against its MultiStep and
+        # PrioritizedSampler.
         "test": ["pytest", "pytest-xdist", "hypothesis", "pytest-benchmark", "gymnasium>=1.0", "tensordict",
-                 "mujoco", "imageio", "safetensors", "minari>=0.5", "pyarrow", "tqdm", "matplotlib"],
+                 "torchrl", "mujoco", "imageio", "safetensors", "minari>=0.5", "pyarrow", "tqdm", "matplotlib"],
         # ReplayBuffer.save / ReplayBuffer.load write and read safetensors files.
         "checkpoint": ["safetensors"],
         # Export to and import from Minari datasets (gpubuffers.offline), stored as Arrow files.
