@@ -65,6 +65,7 @@ class Run:
                 was = (term | trunc, trunc, finals)
             reset = (term | trunc) & self.next_step
             obs = next_obs
+        envs.close()
         if marks == "first":
             buf.add({"obs": obs, "action": action, "reward": np.zeros(N, dtype=np.float32)}, was[0],
                     truncated=was[1], final_obs=None if self.next_step else was[2])
