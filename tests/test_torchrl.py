@@ -9,8 +9,6 @@ for the same transitions, must give the same importance weights and draw them as
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -23,6 +21,7 @@ from torchrl.data import LazyTensorStorage, PrioritizedSampler, TensorDictReplay
 from torchrl.data.postprocs import MultiStep  # noqa: E402
 
 from gpubuffers import ReplayBuffer  # noqa: E402
+from test_priority import chi_square_bound  # noqa: E402
 
 N, STEPS, ROWS, LIMIT = 4, 160, 64, 30
 
@@ -126,12 +125,6 @@ def test_nstep_samples_match_torchrl_multistep(mode, marks, n_step):
     # The one-step leaves stay those of the first step.
     assert torch.equal(s["obs"], torch.stack([want[j]["observation"][0, p] for j, p in zip(lane, pos)]))
     assert torch.equal(s["reward"], theirs(("next", "original_reward")))
-
-
-def chi_square_bound(df: int) -> float:
-    """About the 0.9999 quantile of chi-square(df) (Wilson-Hilferty)."""
-    z = 3.719
-    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
 @pytest.mark.parametrize("mode", MODES)
